@@ -1,0 +1,7 @@
+"""`python -m minipipe ...` is the same as the `minipipe` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,53 @@
+"""A batch: the rows one forward call processes, with everything a stage needs to place them.
+
+Terms:
+
+* **row** — one token to run through the model: its id, its position, the sequences it belongs
+  to (which decides what it attends to, see `minipipe.kvcache`), and whether the head should
+  return its logits.
+* **prefill batch** — a chunk of the prompt (`kernels.prefill_chunks`), run with batched GEMM.
+  Every other batch (a greedy step, a chain or tree of speculative rows) is a **decode batch**,
+  whose rows are computed independently of each other (`kernels.linear_rows`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Batch:
+    tokens: np.ndarray  # [T] int64  token ids
+    positions: np.ndarray  # [T] int64  position of each row in its sequence
+    seq_ids: tuple[tuple[int, ...], ...]  # per row: the sequence ids the row belongs to
+    want_logits: np.ndarray  # [T] bool  rows whose logits the last stage returns
+    prefill: bool = False  # True for a prompt chunk (GEMM kernels)
+
+    def __post_init__(self) -> None:
+        T = self.tokens.shape[0]
+        assert self.tokens.shape == self.positions.shape == self.want_logits.shape == (T,), (
+            f"{self.tokens.shape=} {self.positions.shape=} {self.want_logits.shape=}")
+        assert len(self.seq_ids) == T, f"{len(self.seq_ids)=} != {T=}"
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @classmethod
+    def chain(cls, tokens, start_pos: int, seq_ids: tuple[int, ...] = (0,), want_logits: str = "all",
+              prefill: bool = False) -> "Batch":
+        """Consecutive tokens of one sequence set starting at `start_pos`.
+
+        want_logits: "all", "last" or "none".
+        """
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        T = tokens.shape[0]
+        want = np.zeros(T, dtype=bool)
+        if want_logits == "all":
+            want[:] = True
+        elif want_logits == "last" and T:
+            want[-1] = True
+        return cls(tokens=tokens, positions=np.arange(start_pos, start_pos + T, dtype=np.int64),
+                   seq_ids=(tuple(seq_ids),) * T, want_logits=want, prefill=prefill)

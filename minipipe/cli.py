@@ -1,0 +1,152 @@
+"""The `minipipe` command line.
+
+    minipipe generate "Once upon a time" --model DIR --max-new-tokens 64
+    minipipe generate --prompt-ids 1,403,407 --model DIR --json
+    minipipe doctor
+
+Text streams to stdout; progress and the summary go to stderr. User errors print one line
+(`minipipe: error: ...`) and exit with status 1; Ctrl-C exits with status 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import InputError, MinipipeError
+
+STRATEGIES = ("greedy",)
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part != ""]
+    except ValueError:
+        raise InputError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minipipe",
+        description="A pure-NumPy Llama engine with exact pipelined speculative decoding.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    gen = sub.add_parser(
+        "generate", help="generate text from a prompt",
+        description="Generate a continuation of PROMPT with greedy decoding (or another --strategy; "
+                    "every strategy emits exactly the greedy tokens). Text streams to stdout.")
+    gen.add_argument("prompt", nargs="?", metavar="PROMPT", help="prompt text (BOS is added if the model wants it)")
+    gen.add_argument("--model", required=True, metavar="DIR",
+                     help="checkpoint directory in the Hugging Face Llama layout "
+                          "(config.json, *.safetensors, tokenizer.json)")
+    gen.add_argument("--prompt-ids", metavar="IDS", help="raw prompt token ids, e.g. 1,403,407 (no BOS is added)")
+    gen.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                     help="stop after N generated tokens (default: 64); generation also stops at an "
+                          "end-of-sequence token or when the context is full")
+    gen.add_argument("--strategy", choices=STRATEGIES, default="greedy",
+                     help="decoding strategy (default: greedy, the single-process oracle)")
+    gen.add_argument("--json", action="store_true",
+                     help='print one JSON object {"tokens": [...], "text": ..., "metrics": {...}} instead of streaming')
+    gen.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
+
+    doc = sub.add_parser(
+        "doctor", help="check the exact-kernel policy on this machine",
+        description="Check that a token's logits do not depend on the batch it is computed in "
+                    "(the exactness contract), report the kernel policy and BLAS in force, and "
+                    "measure what the policy costs against plain batched BLAS.")
+    doc.add_argument("--model", metavar="DIR", help="also check this checkpoint (default: random models only)")
+    doc.add_argument("--quick", action="store_true", help="fewer cases, shorter timings")
+    return parser
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .greedy import check_prompt, generate_greedy
+    from .model import load_stage
+    from .tokenizer import Tokenizer
+
+    if args.prompt is None and args.prompt_ids is None:
+        raise InputError("give a PROMPT or --prompt-ids")
+    if args.prompt is not None and args.prompt_ids is not None:
+        raise InputError("give either a PROMPT or --prompt-ids, not both")
+    if args.max_new_tokens < 0:
+        raise InputError("--max-new-tokens must be >= 0")
+    config = load_config(args.model)
+    tokenizer = None
+    try:
+        tokenizer = Tokenizer(args.model, config.eos_ids)
+    except MinipipeError:
+        if args.prompt_ids is None:
+            raise
+    prompt_ids = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else tokenizer.encode(args.prompt)
+    check_prompt(prompt_ids, config.vocab_size, config.max_positions)
+    show_progress = not args.quiet and sys.stderr.isatty()
+    model = load_stage(args.model, progress=show_progress)
+    eos_ids = tokenizer.eos_ids if tokenizer is not None else config.eos_ids
+
+    stream = tokenizer.stream(prompt_ids) if tokenizer is not None and not args.json else None
+    bar = None
+    if show_progress and args.json:
+        from tqdm import tqdm
+        bar = tqdm(total=args.max_new_tokens, desc="generating", unit="tok", file=sys.stderr, leave=False)
+
+    def on_token(token: int) -> None:
+        if stream is not None:
+            sys.stdout.write(stream.push(token))
+            sys.stdout.flush()
+        elif tokenizer is None and not args.json:
+            sys.stdout.write(f"{token} ")
+            sys.stdout.flush()
+        if bar is not None:
+            bar.update(1)
+
+    result = generate_greedy(model, prompt_ids, args.max_new_tokens, eos_ids, on_token=on_token)
+    if bar is not None:
+        bar.close()
+    metrics = result.metrics.to_dict()
+    metrics["strategy"] = args.strategy
+    metrics["stop_reason"] = result.stop_reason
+    if args.json:
+        text = None
+        if tokenizer is not None:
+            full = tokenizer.decode(prompt_ids + result.tokens)
+            text = full[len(tokenizer.decode(prompt_ids)):]
+        print(json.dumps({"tokens": result.tokens, "text": text, "metrics": metrics}))
+    else:
+        if stream is not None:
+            sys.stdout.write(stream.flush())
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if not args.quiet:
+            print(f"[{args.strategy}] {result.metrics.summary()}, stopped by {result.stop_reason}", file=sys.stderr)
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import run_doctor
+
+    return run_doctor(model_dir=args.model, quick=args.quick)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"generate": cmd_generate, "doctor": cmd_doctor}
+    try:
+        return handlers[args.command](args)
+    except MinipipeError as e:
+        print(f"minipipe: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nminipipe: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `minipipe generate ... | head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

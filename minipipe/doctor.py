@@ -1,0 +1,161 @@
+"""`minipipe doctor`: check the exactness contract on this machine and report the kernel policy.
+
+Checks (each on several random models: MHA, GQA and MQA; odd sizes; optionally a checkpoint):
+
+1. **row position** — a linear layer's row gives the same bits alone, at any place in a batch,
+   and at any memory alignment.
+2. **chain** — k tokens decoded one at a time give the same logits, bit for bit, as the same k
+   tokens verified in one speculative batch.
+3. **tree** — two branches sharing a prefix, verified together in one batch (rows interleaved,
+   each branch in its own sequence), give each branch's sequential logits.
+4. **threads** — a GEMV gives the same bits with 1 and 2 BLAS threads.
+
+Then it measures the policy's cost: a forward pass of M rows through the exact kernels
+(one GEMV per row) against the same pass through plain batched GEMM.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from . import blas, kernels
+from .batch import Batch
+from .greedy import prefill
+from .model import StageModel, load_stage
+from .synthetic import random_model
+
+MODEL_SHAPES = [  # (name, config kwargs)
+    ("MHA", dict(dim=40, ffn_dim=72, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=101)),
+    ("GQA", dict(dim=48, ffn_dim=100, n_layers=3, n_heads=6, n_kv_heads=2, vocab_size=97, attention_bias=True)),
+    ("MQA", dict(dim=36, ffn_dim=60, n_layers=2, n_heads=3, n_kv_heads=1, head_dim=14, vocab_size=75,
+                 rope_type="llama3", tie_embeddings=True)),
+]
+
+
+def check_linear_rows(rng: np.random.Generator, n_in: int, n_out: int, n_rows: int = 9) -> bool:
+    w = rng.standard_normal((n_out, n_in)).astype(np.float32)
+    x = rng.standard_normal((n_rows, n_in)).astype(np.float32)
+    alone = [kernels.linear_rows(x[i:i + 1].copy(), w)[0] for i in range(n_rows)]
+    batched = kernels.linear_rows(x, w)
+    ok = all(np.array_equal(alone[i], batched[i]) for i in range(n_rows))
+    buf = np.empty(n_rows * n_in + 16, dtype=np.float32)
+    for offset in range(1, 16, 3):  # shift the batch by 4-byte steps: misaligned rows
+        shifted = buf[offset: offset + n_rows * n_in].reshape(n_rows, n_in)
+        shifted[:] = x
+        ok &= all(np.array_equal(alone[i], r) for i, r in enumerate(kernels.linear_rows(shifted, w)))
+    return ok
+
+
+def sequential_logits(model: StageModel, prompt: list[int], tokens: list[int]) -> list[np.ndarray]:
+    """Logits after each of `tokens`, decoded one at a time in sequence 0 (the greedy way)."""
+    cache = model.new_cache()
+    prefill(model, cache, prompt)
+    return [model.forward(cache, Batch.chain([t], len(prompt) + i))[0] for i, t in enumerate(tokens)]
+
+
+def check_chain(model: StageModel, prompt: list[int], tokens: list[int]) -> bool:
+    expected = sequential_logits(model, prompt, tokens)
+    cache = model.new_cache(n_seqs=2)
+    prefill(model, cache, prompt, seq_ids=(0, 1))
+    got = model.forward(cache, Batch.chain(tokens, len(prompt), seq_ids=(1,)))
+    return all(np.array_equal(e, g) for e, g in zip(expected, got))
+
+
+def check_tree(model: StageModel, prompt: list[int], branch_a: list[int], branch_b: list[int]) -> bool:
+    """Two branches (sequences 1 and 2) after the prompt, interleaved in one batch."""
+    cache = model.new_cache(n_seqs=3)
+    prefill(model, cache, prompt)
+    cache.seq_cp(0, 1)
+    cache.seq_cp(0, 2)
+    n = len(prompt)
+    rows = [(t, n + i, 1) for i, t in enumerate(branch_a)] + [(t, n + i, 2) for i, t in enumerate(branch_b)]
+    order = sorted(range(len(rows)), key=lambda r: (rows[r][1], -rows[r][2]))  # interleave by position
+    batch = Batch(tokens=np.array([rows[r][0] for r in order]), positions=np.array([rows[r][1] for r in order]),
+                  seq_ids=tuple((rows[r][2],) for r in order), want_logits=np.ones(len(rows), dtype=bool))
+    got = model.forward(cache, batch)
+    by_row = {order[i]: got[i] for i in range(len(order))}
+    expected = sequential_logits(model, prompt, branch_a) + sequential_logits(model, prompt, branch_b)
+    return all(np.array_equal(expected[r], by_row[r]) for r in range(len(rows)))
+
+
+def check_threads(rng: np.random.Generator) -> bool | None:
+    if not blas.info().controllable:
+        return None
+    w = rng.standard_normal((3000, 512)).astype(np.float32)
+    x = rng.standard_normal(512).astype(np.float32)
+    before = blas.get_threads()
+    try:
+        blas.set_threads(1)
+        one = w @ x
+        blas.set_threads(2)
+        two = w @ x
+    finally:
+        blas.set_threads(before)
+    return bool(np.array_equal(one, two))
+
+
+def time_forward(model: StageModel, n_rows: int, exact: bool, repeats: int) -> float:
+    """Seconds for one forward pass of n_rows speculative rows after a 32-token context."""
+    rng = np.random.default_rng(0)
+    prompt = list(rng.integers(0, model.config.vocab_size, 32))
+    tokens = list(rng.integers(0, model.config.vocab_size, n_rows))
+    best = float("inf")
+    for _ in range(repeats):
+        cache = model.new_cache(capacity=64)
+        prefill(model, cache, prompt)
+        batch = Batch.chain(tokens, len(prompt), want_logits="all", prefill=not exact)
+        t = time.perf_counter()
+        model.forward(cache, batch)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def run_doctor(model_dir: str | None = None, quick: bool = False) -> int:
+    rng = np.random.default_rng(1234)
+    info = blas.info()
+    print("minipipe doctor")
+    print(f"  BLAS            {info.name}")
+    print(f"  BLAS threads    {blas.get_threads() if info.controllable else 'unknown (not OpenBLAS)'}")
+    print(f"  kernel policy   {kernels.POLICY}: " + kernels.POLICY_DESCRIPTION.format(chunk=kernels.PREFILL_CHUNK))
+    print()
+    results: list[tuple[str, bool | None]] = []
+    for n_in, n_out in ((64, 48), (37, 131), (576, 1536)):
+        results.append((f"linear rows {n_in}->{n_out}", check_linear_rows(rng, n_in, n_out)))
+    models = [(name, random_model(seed=i, **kw)) for i, (name, kw) in enumerate(MODEL_SHAPES)]
+    if model_dir is not None:
+        models.append((f"checkpoint {model_dir}", load_stage(model_dir)))
+    for name, model in models:
+        V = model.config.vocab_size
+        for trial in range(1 if quick else 3):
+            prompt = list(rng.integers(0, V, int(rng.integers(1, 20))))
+            tokens = list(rng.integers(0, V, int(rng.integers(2, 9))))
+            other = list(rng.integers(0, V, int(rng.integers(1, 6))))
+            results.append((f"{name} chain of {len(tokens)}", check_chain(model, prompt, tokens)))
+            results.append((f"{name} tree {len(tokens)}+{len(other)}", check_tree(model, prompt, tokens, other)))
+    results.append(("GEMV 1 vs 2 BLAS threads", check_threads(rng)))
+    width = max(len(n) for n, _ in results)
+    for name, ok in results:
+        verdict = "skipped" if ok is None else "bit-identical" if ok else "DIFFERENT"
+        print(f"  {name:<{width}}  {verdict}")
+    failed = [n for n, ok in results if ok is False]
+    print()
+    print("Cost of the policy: one forward pass of M speculative rows, exact (GEMV per row) vs plain GEMM")
+    cost_model = models[-1][1] if model_dir is not None else random_model(
+        seed=7, dim=576, ffn_dim=1536, n_layers=2, n_heads=9, n_kv_heads=3, vocab_size=4096)
+    c = cost_model.config
+    print(f"  model: D={c.dim} F={c.ffn_dim} layers={c.n_layers} H={c.n_heads} KVH={c.n_kv_heads} V={c.vocab_size}")
+    print(f"  {'M':>3}  {'exact ms':>9}  {'GEMM ms':>9}  {'exact/GEMM':>10}  {'exact per row ms':>16}")
+    repeats = 2 if quick else 5
+    for m in (1, 2, 4, 8) if quick else (1, 2, 4, 8, 16):
+        exact = time_forward(cost_model, m, True, repeats)
+        gemm = time_forward(cost_model, m, False, repeats)
+        print(f"  {m:>3}  {exact * 1e3:>9.2f}  {gemm * 1e3:>9.2f}  {exact / gemm:>10.2f}  {exact * 1e3 / m:>16.2f}")
+    print()
+    if failed:
+        print(f"FAILED: {len(failed)} check(s) differ; the exactness contract does not hold on this machine "
+              f"with this BLAS: {', '.join(failed)}")
+        return 1
+    print("OK: batch composition and position do not change a token's bits on this machine.")
+    return 0

@@ -1,0 +1,128 @@
+"""A Llama decoder in NumPy, runnable over any layer range [lo, hi) so a pipeline stage can own a slice.
+
+One decoder layer (LLAMA.md; `n1`, `n2` are RMSNorms):
+
+    h = x + o_proj(attention(rope(q_proj(n1(x))), rope(k_proj(n1(x))), v_proj(n1(x))))
+    y = h + down_proj(silu(gate_proj(n2(h))) * up_proj(n2(h)))
+
+The whole model is `logits = head(norm(layers(embed(tokens))))`. A `StageModel` holding layers
+[lo, hi) embeds tokens only if it is the first stage (lo == 0) and returns logits only if it is
+the last (hi == L); in between it maps hidden states to hidden states. Chaining the stages of a
+split gives bit-for-bit the output of one StageModel holding all layers: every op is per row or
+per layer, and no stage depends on another's internals.
+
+All arithmetic is delegated to `minipipe.kernels`, which owns the exactness policy. Shapes use
+the glossary in `minipipe.config`: T rows, D dim, H heads, KVH KV heads, G = H/KVH, HD head
+dim, F ffn dim, V vocab.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from . import kernels
+from .batch import Batch
+from .config import ModelConfig, load_config
+from .errors import InputError
+from .kvcache import KVCache
+from .weights import Checkpoint, LayerWeights, StageWeights, load_stage_weights
+
+
+class StageModel:
+    """Layers [lo, hi) of a Llama model, plus the embedding (first stage) and head (last stage)."""
+
+    def __init__(self, weights: StageWeights):
+        self.weights = weights
+        self.config: ModelConfig = weights.config
+        self.inv_freq = kernels.rope_inv_freq(self.config.rope, self.config.head_dim)  # [HD/2]
+        self.scale = 1.0 / float(np.sqrt(self.config.head_dim))
+
+    @property
+    def lo(self) -> int:
+        return self.weights.lo
+
+    @property
+    def hi(self) -> int:
+        return self.weights.hi
+
+    @property
+    def is_first(self) -> bool:
+        return self.weights.embed is not None
+
+    @property
+    def is_last(self) -> bool:
+        return self.weights.head is not None
+
+    def new_cache(self, n_seqs: int = 1, capacity: int = 64) -> KVCache:
+        c = self.config
+        return KVCache(self.hi - self.lo, c.n_kv_heads, c.head_dim, n_seqs=n_seqs, capacity=capacity)
+
+    # ------------------------------------------------------------------------------------------
+
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        """Token ids -> embedding rows.  [T] -> [T, D]"""
+        V = self.config.vocab_size
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= V):
+            bad = int(tokens[(tokens < 0) | (tokens >= V)][0])
+            raise InputError(f"token id {bad} is outside the vocabulary (0..{V - 1})")
+        return self.weights.embed[tokens].astype(np.float32)  # [T, D]
+
+    def forward(self, cache: KVCache, batch: Batch, hidden: np.ndarray | None = None) -> np.ndarray:
+        """Run the batch through this stage's layers, storing their K/V in `cache`.
+
+        First stage: takes the batch's tokens; other stages: `hidden` [T, D] from the previous
+        stage. Returns hidden states [T, D], or on the last stage the logits [T', V] of the rows
+        with `want_logits` (in row order).
+        """
+        x = self.embed(batch.tokens) if self.is_first else np.ascontiguousarray(hidden, dtype=np.float32)
+        T, D = x.shape
+        assert T == batch.n_rows and D == self.config.dim, f"{x.shape=} for {batch.n_rows} rows"
+        cells = cache.alloc(batch.positions, batch.seq_ids)  # [T]
+        visible = [cache.visible(s, p) for s, p in zip(batch.seq_ids, batch.positions)]
+        cos, sin = kernels.rope_cos_sin(batch.positions, self.inv_freq)  # [T, HD/2] each
+        linear = kernels.linear_prefill if batch.prefill else kernels.linear_rows
+        for layer, lw in enumerate(self.weights.layers):
+            x = self._decoder_layer(lw, x, cache, layer, cells, visible, cos, sin, linear)
+        if not self.is_last:
+            return x  # [T, D]
+        return self.logits(x[batch.want_logits])
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Final norm and LM head, one GEMV per row.  [T, D] -> [T, V]"""
+        h = kernels.rms_norm(x, self.weights.final_norm, self.config.norm_eps)  # [T, D]
+        return kernels.linear_rows(h, self.weights.head)  # [T, D] -> [T, V]
+
+    def _decoder_layer(self, lw: LayerWeights, x: np.ndarray, cache: KVCache, layer: int, cells: np.ndarray,
+                       visible: list, cos: np.ndarray, sin: np.ndarray, linear) -> np.ndarray:
+        c = self.config
+        T = x.shape[0]
+        H, KVH, G, HD = c.n_heads, c.n_kv_heads, c.n_groups, c.head_dim
+
+        # attention block
+        h = kernels.rms_norm(x, lw.attn_norm, c.norm_eps)  # [T, D]
+        qkv = linear(h, lw.wqkv, lw.bqkv)  # [T, D] -> [T, (H + 2·KVH)·HD]
+        q = qkv[:, : H * HD].reshape(T, H, HD)  # [T, H, HD]
+        k = qkv[:, H * HD: (H + KVH) * HD].reshape(T, KVH, HD)  # [T, KVH, HD]
+        v = qkv[:, (H + KVH) * HD:].reshape(T, KVH, HD)  # [T, KVH, HD]
+        q = kernels.apply_rope(q, cos, sin)  # [T, H, HD]
+        k = kernels.apply_rope(k, cos, sin)  # [T, KVH, HD]
+        cache.write(layer, cells, k, v)
+        attn = np.empty((T, H * HD), dtype=np.float32)  # [T, H·HD]
+        for i in range(T):  # one query at a time, over exactly its visible cells
+            keys, values = cache.keys_values(layer, visible[i])  # [KVH, N, HD] each
+            attn[i] = kernels.attend(q[i].reshape(KVH, G, HD), keys, values, self.scale).reshape(H * HD)
+        x = x + linear(attn, lw.wo, lw.bo)  # [T, H·HD] -> [T, D]
+
+        # MLP block
+        h = kernels.rms_norm(x, lw.mlp_norm, c.norm_eps)  # [T, D]
+        gate_up = linear(h, lw.w_gate_up, lw.b_gate_up)  # [T, D] -> [T, 2F]
+        return x + linear(kernels.swiglu(gate_up), lw.w_down, lw.b_down)  # [T, F] -> [T, D]
+
+
+def load_stage(model_dir: str | Path, lo: int = 0, hi: int | None = None, progress: bool = False) -> StageModel:
+    """Load layers [lo, hi) of the checkpoint in `model_dir` (all layers by default)."""
+    config = load_config(model_dir)
+    weights = load_stage_weights(Checkpoint(model_dir), config, lo, hi, progress=progress)
+    return StageModel(weights)
