@@ -77,13 +77,18 @@ class KVCache:
     def visible(self, seq_ids: Iterable[int], pos: int) -> np.ndarray | slice:
         """Cells a row of sequences `seq_ids` at position `pos` attends to, ascending position.
 
-        Returns a slice when those cells are a contiguous increasing block (the common case in
+        The row's sequences must agree on the history: seeing two cells at one position is an
+        error. Returns a slice when those cells are a contiguous increasing block (the common case in
         plain decoding: no gather copy is needed), else an index array.
         """
         seqs = [self._seq(s) for s in seq_ids]
         mask = self.cell_seqs[:, seqs].any(axis=1) & (self.cell_pos <= pos)  # [C]
         idx = np.flatnonzero(mask)  # cell ids, ascending
-        idx = idx[np.argsort(self.cell_pos[idx], kind="stable")]  # ascending position
+        order = np.argsort(self.cell_pos[idx], kind="stable")
+        idx, pos_seen = idx[order], self.cell_pos[idx][order]  # ascending position
+        if np.any(pos_seen[1:] == pos_seen[:-1]):
+            raise KVCacheError(f"a row of sequences {sorted(seqs)} would see two cells at one position: "
+                               "its sequences disagree about the history")
         n = idx.shape[0]
         if n and idx[-1] - idx[0] == n - 1 and (n == 1 or np.all(idx[1:] > idx[:-1])):
             return slice(int(idx[0]), int(idx[0]) + n)
@@ -97,23 +102,30 @@ class KVCache:
     # edits
 
     def alloc(self, positions: np.ndarray, seq_ids: Sequence[Sequence[int]]) -> np.ndarray:
-        """Take one free cell per row and label it with the row's position and sequences.  -> [T]"""
+        """Take one free cell per row and label it with the row's position and sequences.  -> [T]
+
+        All or nothing: a batch that would give a sequence two cells at one position is refused
+        before any cell is touched.
+        """
         T = len(positions)
         if len(seq_ids) != T:
             raise KVCacheError(f"{T} positions but {len(seq_ids)} sequence sets")
+        rows = [(int(pos), [self._seq(s) for s in seqs]) for pos, seqs in zip(positions, seq_ids)]
+        taken: set[tuple[int, int]] = set()  # (sequence, position) pairs this batch claims
+        for pos, cols in rows:
+            if pos < 0 or not cols:
+                raise KVCacheError(f"a row needs a position >= 0 and at least one sequence, got {pos}, {cols}")
+            claims = {(s, pos) for s in cols}
+            in_cache = (self.cell_pos == pos) & self.cell_seqs[:, cols].any(axis=1)
+            if claims & taken or in_cache.any():
+                raise KVCacheError(f"position {pos} already has a cell in sequence(s) {sorted(cols)}")
+            taken |= claims
         free = np.flatnonzero(self.cell_pos < 0)
         if free.shape[0] < T:
             self._grow(self.n_used + T)
             free = np.flatnonzero(self.cell_pos < 0)
         cells = free[:T]
-        for cell, pos, seqs in zip(cells, positions, seq_ids):
-            pos = int(pos)
-            cols = [self._seq(s) for s in seqs]
-            if pos < 0 or not cols:
-                raise KVCacheError(f"a row needs a position >= 0 and at least one sequence, got {pos}, {seqs}")
-            clash = (self.cell_pos == pos) & self.cell_seqs[:, cols].any(axis=1)
-            if clash.any():
-                raise KVCacheError(f"position {pos} already has a cell in sequence(s) {sorted(seqs)}")
+        for cell, (pos, cols) in zip(cells, rows):
             self.cell_pos[cell] = pos
             self.cell_seqs[cell, cols] = True
         return cells

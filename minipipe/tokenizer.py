@@ -77,17 +77,24 @@ class Tokenizer:
 class StreamDecoder:
     """Turns generated ids into text pieces as they arrive (the suffix each new id adds).
 
-    Keeps two offsets into the id list: `prefix` (start of the decode window, a few ids back so
-    spacing rules see context) and `read` (ids already turned into emitted text).
+    Keeps two offsets into the id list: `prefix` (start of the decode window: the start of the
+    last emitted piece, so spacing rules see context) and `read` (ids already turned into
+    emitted text; always the end of a complete character).
     """
 
-    WINDOW = 6  # ids of context kept before the first unread id
+    WINDOW = 6  # ids of prompt context decoded with the first generated id
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int]):
         self.tokenizer = tokenizer
         self.ids = list(prompt_ids)
         self.read = len(self.ids)
+        # the window must not start inside a multi-byte character: byte-fallback decoders turn
+        # every byte of a broken run into U+FFFD, which would garble the characters after it
         self.prefix = max(0, self.read - self.WINDOW)
+        for _ in range(4):  # a UTF-8 character spans at most 4 byte pieces
+            if self.prefix == 0 or not tokenizer.decode(self.ids[self.prefix:self.read]).startswith(REPLACEMENT_CHAR):
+                break
+            self.prefix -= 1
 
     def push(self, token: int) -> str:
         """Add one generated id; return the text it completes (possibly empty)."""
@@ -97,8 +104,7 @@ class StreamDecoder:
         after = decode(self.ids[self.prefix:])
         if len(after) <= len(before) or after.endswith(REPLACEMENT_CHAR):
             return ""  # nothing new yet, or a character still incomplete
-        self.read = len(self.ids)
-        self.prefix = max(self.prefix, self.read - self.WINDOW)
+        self.prefix, self.read = self.read, len(self.ids)  # `read` ended a complete character
         return after[len(before):]
 
     def flush(self) -> str:

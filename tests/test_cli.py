@@ -1,0 +1,100 @@
+"""The command line, run as a user would: real subprocesses, real exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from minipipe.synthetic import hf_config, make_random_checkpoint
+
+from .conftest import shared_model
+
+SMALL = dict(dim=32, ffn_dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, max_positions=32)
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "minipipe", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_generate_streams_text():
+    d = shared_model("stories260k")
+    r = run("generate", "Once upon a time", "--model", str(d), "--max-new-tokens", "12")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(", there was a little girl named Lily.")
+
+
+def test_generate_json_and_prompt_ids():
+    d = shared_model("stories260k")
+    r = run("generate", "--prompt-ids", "1,403,407,261,378", "--model", str(d), "--max-new-tokens", "7", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["tokens"] == [432, 383, 286, 261, 376, 298, 315]
+    assert out["text"] == ", there was a little gir"  # "girl" is two pieces
+    m = out["metrics"]
+    assert m["n_prompt_tokens"] == 5 and m["n_generated_tokens"] == 7
+    assert m["tokens_per_s"] > 0 and m["time_to_first_token_s"] > 0 and m["stop_reason"] == "length"
+
+
+def test_generate_without_tokenizer_prints_ids(tmp_path):
+    d = make_random_checkpoint(tmp_path / "m", seed=1, **SMALL)
+    (d / "tokenizer.json").unlink()
+    r = run("generate", "--prompt-ids", "3,4,5", "--model", str(d), "--max-new-tokens", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)["tokens"]) == 4
+    r = run("generate", "--prompt-ids", "3,4,5", "--model", str(d), "--max-new-tokens", "4")
+    assert r.returncode == 0 and len(r.stdout.split()) == 4
+
+
+def _bad_model(tmp_path, kind: str):
+    d = make_random_checkpoint(tmp_path / "m", seed=1, **SMALL)
+    raw = hf_config(**SMALL)
+    if kind == "malformed":
+        (d / "config.json").write_text("{oops")
+    elif kind == "arch":
+        raw["model_type"] = "mixtral"
+        (d / "config.json").write_text(json.dumps(raw))
+    elif kind == "rope":
+        raw["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 1e4}
+        (d / "config.json").write_text(json.dumps(raw))
+    elif kind == "no_weights":
+        (d / "model.safetensors").unlink()
+    return d
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "model directory not found"),
+    ("malformed", "is not valid JSON"),
+    ("arch", "model_type 'mixtral' is not supported"),
+    ("rope", "RoPE type 'longrope' is not supported"),
+    ("no_weights", "no model.safetensors"),
+    ("too_long", "the prompt has 40 tokens but the model's context holds 32"),
+    ("bad_id", "token id 50 is outside the vocabulary"),
+    ("bad_ids_syntax", "--prompt-ids must be comma-separated integers"),
+    ("no_prompt", "give a PROMPT or --prompt-ids"),
+])
+def test_user_errors_are_one_line(tmp_path, case, message):
+    d = tmp_path / "absent" if case == "missing" else _bad_model(tmp_path, case)
+    ids = {"too_long": ",".join(["3"] * 40), "bad_id": "3,50", "bad_ids_syntax": "3,x"}.get(case, "3,4")
+    args = ["generate", "--model", str(d), "--max-new-tokens", "2"]
+    if case != "no_prompt":
+        args += ["--prompt-ids", ids]
+    r = run(*args)
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"minipipe: error: {r.stderr.strip().removeprefix('minipipe: error: ')}"
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_help_explains():
+    r = run("generate", "--help")
+    assert r.returncode == 0 and "--max-new-tokens" in r.stdout and "--prompt-ids" in r.stdout
+
+
+def test_doctor_quick():
+    r = run("doctor", "--quick", timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "row-gemv" in r.stdout and "DIFFERENT" not in r.stdout

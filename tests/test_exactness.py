@@ -1,0 +1,131 @@
+"""The exactness contract (DESIGN.md §2), property-tested.
+
+A token decoded alone (greedy style, sequence 0) and the same token inside any batch of
+speculative rows with the same context must give bit-identical logits and hidden states,
+whatever else shares the batch, the rows' order, the cache's cell layout, and the layer split.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+from hypothesis import given, strategies as st
+
+from minipipe import kernels
+from minipipe.batch import Batch
+from minipipe.greedy import prefill
+from minipipe.synthetic import random_model
+
+SHAPES = [
+    dict(dim=32, ffn_dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61),
+    dict(dim=40, ffn_dim=72, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=53),  # MHA
+    dict(dim=36, ffn_dim=60, n_layers=3, n_heads=3, n_kv_heads=1, head_dim=14, vocab_size=47,
+         rope_type="llama3", tie_embeddings=True),  # MQA, explicit head_dim
+    dict(dim=24, ffn_dim=40, n_layers=2, n_heads=6, n_kv_heads=3, head_dim=6, vocab_size=71,
+         attention_bias=True, mlp_bias=True, rope_type="linear"),
+]
+
+
+@lru_cache(maxsize=None)
+def model(shape: int, lo: int = 0, hi: int | None = None):
+    return random_model(seed=shape, lo=lo, hi=hi, **SHAPES[shape])
+
+
+def sequential(m, prompt: list[int], tokens: list[int]) -> list[np.ndarray]:
+    """Logits after each token, decoded one at a time in sequence 0: the oracle."""
+    cache = m.new_cache()
+    prefill(m, cache, prompt)
+    return [m.forward(cache, Batch.chain([t], len(prompt) + i))[0] for i, t in enumerate(tokens)]
+
+
+@st.composite
+def trees(draw, vocab: int, max_nodes: int = 10):
+    """A random token tree: parent[i] < i (-1 = child of the prompt's last token)."""
+    n = draw(st.integers(1, max_nodes))
+    parents = [-1] + [draw(st.integers(-1, i - 1)) for i in range(1, n)]
+    tokens = draw(st.lists(st.integers(0, vocab - 1), min_size=n, max_size=n))
+    return parents, tokens
+
+
+def path(parents: list[int], node: int) -> list[int]:
+    nodes = []
+    while node != -1:
+        nodes.append(node)
+        node = parents[node]
+    return nodes[::-1]
+
+
+@given(data=st.data())
+def test_tree_rows_equal_sequential_decoding(data):
+    """Every node of a random tree, verified in one shuffled batch, has its sequential logits."""
+    shape = data.draw(st.integers(0, len(SHAPES) - 1), label="shape")
+    m = model(shape)
+    V = m.config.vocab_size
+    prompt = data.draw(st.lists(st.integers(0, V - 1), min_size=1, max_size=14), label="prompt")
+    parents, tokens = data.draw(trees(V), label="tree")
+    n = len(parents)
+    leaves = [i for i in range(n) if i not in parents]
+    # each leaf is a branch with its own sequence id (1, 2, ...); a node belongs to every
+    # branch through it, as in PipeInfer's multibuffer
+    seqs = {i: tuple(sorted(1 + b for b, leaf in enumerate(leaves) if i in path(parents, leaf))) for i in range(n)}
+    cache = m.new_cache(n_seqs=1 + len(leaves) + 1)
+    junk_seq = len(leaves) + 1
+    # scatter the cache: junk rows of an unrelated sequence, some freed again
+    junk = data.draw(st.lists(st.integers(0, V - 1), max_size=5), label="junk")
+    if junk:
+        m.forward(cache, Batch.chain(junk, 0, seq_ids=(junk_seq,)))
+    prefill(m, cache, prompt)
+    if junk and data.draw(st.booleans(), label="free junk"):
+        cache.seq_rm(junk_seq)
+    for b in range(len(leaves)):
+        cache.seq_cp(0, 1 + b)
+    order = data.draw(st.permutations(range(n)), label="row order")
+    depth = {i: len(path(parents, i)) for i in range(n)}
+    batch = Batch(tokens=np.array([tokens[i] for i in order], dtype=np.int64),
+                  positions=np.array([len(prompt) + depth[i] - 1 for i in order], dtype=np.int64),
+                  seq_ids=tuple(seqs[i] for i in order), want_logits=np.ones(n, dtype=bool))
+    got = dict(zip(order, m.forward(cache, batch)))
+    for leaf in leaves:
+        nodes = path(parents, leaf)
+        expected = sequential(m, prompt, [tokens[i] for i in nodes])
+        for node, logits in zip(nodes, expected):
+            assert np.array_equal(got[node], logits), f"node {node} of {parents} differs"
+
+
+@given(data=st.data())
+def test_stage_split_equals_whole_model(data):
+    """Running layers [0, s) then [s, L) gives the whole model's bits, for prefill and decode."""
+    shape = data.draw(st.integers(0, len(SHAPES) - 1), label="shape")
+    whole = model(shape)
+    L = whole.config.n_layers
+    split = data.draw(st.integers(1, L - 1), label="split")
+    first, second = model(shape, 0, split), model(shape, split, L)
+    V = whole.config.vocab_size
+    prompt = data.draw(st.lists(st.integers(0, V - 1), min_size=1, max_size=10), label="prompt")
+    tokens = data.draw(st.lists(st.integers(0, V - 1), min_size=1, max_size=4), label="tokens")
+    caches = [m.new_cache() for m in (whole, first, second)]
+    batches = [Batch.chain(prompt, 0, want_logits="last", prefill=True),
+               Batch.chain(tokens, len(prompt))]
+    for batch in batches:
+        expected = whole.forward(caches[0], batch)
+        hidden = first.forward(caches[1], batch)
+        got = second.forward(caches[2], batch, hidden=hidden)
+        assert np.array_equal(expected, got)
+
+
+@given(data=st.data())
+def test_linear_rows_ignore_batch_and_alignment(data):
+    n_in = data.draw(st.integers(1, 200), label="in")
+    n_out = data.draw(st.integers(1, 300), label="out")
+    n_rows = data.draw(st.integers(1, 9), label="rows")
+    offset = data.draw(st.integers(0, 15), label="offset (floats)")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    w = rng.standard_normal((n_out, n_in)).astype(np.float32)
+    buf = np.empty(n_rows * n_in + 16, dtype=np.float32)
+    x = buf[offset: offset + n_rows * n_in].reshape(n_rows, n_in)
+    x[:] = rng.standard_normal((n_rows, n_in))
+    got = kernels.linear_rows(x, w)
+    for i in range(n_rows):
+        alone = kernels.linear_rows(x[i:i + 1].copy(), w)[0]
+        assert np.array_equal(got[i], alone)
