@@ -39,9 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate a continuation of PROMPT with greedy decoding (or another --strategy; "
                     "every strategy emits exactly the greedy tokens). Text streams to stdout.")
     gen.add_argument("prompt", nargs="?", metavar="PROMPT", help="prompt text (BOS is added if the model wants it)")
-    gen.add_argument("--model", required=True, metavar="DIR",
-                     help="checkpoint directory in the Hugging Face Llama layout "
-                          "(config.json, *.safetensors, tokenizer.json)")
+    gen.add_argument("--model", metavar="DIR|NAME",
+                     help="checkpoint directory in the Hugging Face Llama layout (config.json, "
+                          "*.safetensors, tokenizer.json), or the name of a shipped or pulled model "
+                          "(default: the shipped tinybard model)")
     gen.add_argument("--prompt-ids", metavar="IDS", help="raw prompt token ids, e.g. 1,403,407 (no BOS is added)")
     gen.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
                      help="stop after N generated tokens (default: 64); generation also stops at an "
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check that a token's logits do not depend on the batch it is computed in "
                     "(the exactness contract), report the kernel policy and BLAS in force, and "
                     "measure what the policy costs against plain batched BLAS.")
-    doc.add_argument("--model", metavar="DIR", help="also check this checkpoint (default: random models only)")
+    doc.add_argument("--model", metavar="DIR|NAME", help="also check this checkpoint (default: random models only)")
     doc.add_argument("--quick", action="store_true", help="fewer cases, shorter timings")
     return parser
 
@@ -66,6 +67,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .config import load_config
     from .greedy import check_prompt, generate_greedy
     from .model import load_stage
+    from .paths import resolve_model
     from .tokenizer import Tokenizer
 
     if args.prompt is None and args.prompt_ids is None:
@@ -74,6 +76,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise InputError("give either a PROMPT or --prompt-ids, not both")
     if args.max_new_tokens < 0:
         raise InputError("--max-new-tokens must be >= 0")
+    args.model = resolve_model(args.model)
     config = load_config(args.model)
     tokenizer = None
     try:
@@ -128,7 +131,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import run_doctor
 
-    return run_doctor(model_dir=args.model, quick=args.quick)
+    from .paths import resolve_model
+
+    return run_doctor(model_dir=None if args.model is None else resolve_model(args.model), quick=args.quick)
 
 
 def main(argv: list[str] | None = None) -> int:
