@@ -16,7 +16,7 @@ import sys
 
 from .errors import InputError, MinipipeError
 
-STRATEGIES = ("greedy",)
+STRATEGIES = ("greedy", "pipeline")
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -48,7 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop after N generated tokens (default: 64); generation also stops at an "
                           "end-of-sequence token or when the context is full")
     gen.add_argument("--strategy", choices=STRATEGIES, default="greedy",
-                     help="decoding strategy (default: greedy, the single-process oracle)")
+                     help="decoding strategy: greedy (single process, the oracle; default) or pipeline "
+                          "(plain pipeline parallelism over --stages processes). Every strategy emits "
+                          "exactly the greedy tokens")
+    gen.add_argument("--stages", type=int, metavar="N",
+                     help="pipeline stages, one OS process each (default: 2 for pipelined strategies)")
+    gen.add_argument("--split", metavar="A,B,...",
+                     help="layers per stage, e.g. 3,5 (default: an even split over --stages)")
+    gen.add_argument("--runtime", choices=("process", "local"), default="process",
+                     help="process: one OS process per stage over shared-memory rings (default); local: "
+                          "all stages in one process on a virtual clock (deterministic; reported times "
+                          "are simulated)")
+    gen.add_argument("--trace", metavar="FILE",
+                     help="write a Chrome trace-event JSON of every stage's work (open in ui.perfetto.dev)")
+    gen.add_argument("--timeline", action="store_true",
+                     help="print a text timeline of the stages' work on stderr at the end")
     gen.add_argument("--json", action="store_true",
                      help='print one JSON object {"tokens": [...], "text": ..., "metrics": {...}} instead of streaming')
     gen.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
@@ -65,8 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .greedy import check_prompt, generate_greedy
-    from .model import load_stage
+    from .greedy import check_prompt
     from .paths import resolve_model
     from .tokenizer import Tokenizer
 
@@ -87,7 +100,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt_ids = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else tokenizer.encode(args.prompt)
     check_prompt(prompt_ids, config.vocab_size, config.max_positions)
     show_progress = not args.quiet and sys.stderr.isatty()
-    model = load_stage(args.model, progress=show_progress)
     eos_ids = tokenizer.eos_ids if tokenizer is not None else config.eos_ids
 
     stream = tokenizer.stream(prompt_ids) if tokenizer is not None and not args.json else None
@@ -106,7 +118,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.update(1)
 
-    result = generate_greedy(model, prompt_ids, args.max_new_tokens, eos_ids, on_token=on_token)
+    result = _run_strategy(args, config, prompt_ids, eos_ids, on_token, show_progress)
     if bar is not None:
         bar.close()
     metrics = result.metrics.to_dict()
@@ -128,6 +140,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_strategy(args, config, prompt_ids, eos_ids, on_token, show_progress):
+    """Run the chosen strategy on the chosen runtime; return its Generation."""
+    from .greedy import generate_greedy
+    from .model import load_stage
+
+    if args.strategy == "greedy":
+        if args.stages not in (None, 1) or args.split or args.trace or args.timeline:
+            raise InputError("--stages, --split, --trace and --timeline need a pipelined --strategy")
+        model = load_stage(args.model, progress=show_progress)
+        return generate_greedy(model, prompt_ids, args.max_new_tokens, eos_ids, on_token=on_token)
+
+    from .runtime import open_pipeline
+    from .strategies import STRATEGIES as STRATEGY_CLASSES, generate
+    from .trace import Tracer
+
+    split = None
+    if args.split:
+        try:
+            split = [int(n) for n in args.split.split(",")]
+        except ValueError:
+            raise InputError(f"--split must be comma-separated layer counts, got {args.split!r}") from None
+    n_stages = args.stages if args.stages is not None else (len(split) if split else 2)
+    strategy = STRATEGY_CLASSES[args.strategy]()
+    tracer = Tracer(enabled=bool(args.trace or args.timeline))
+    with open_pipeline(args.model, args.runtime, n_stages, split, strategy.n_seqs, tracer=tracer) as pipe:
+        result = generate(strategy, pipe, prompt_ids, args.max_new_tokens, eos_ids, config.max_positions, on_token)
+    if args.trace:
+        tracer.write_chrome(args.trace)
+    if args.timeline:
+        print(tracer.timeline(), file=sys.stderr)
+    result.metrics.extra["runtime"] = args.runtime
+    result.metrics.extra["n_stages"] = pipe.n_stages
+    return result
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import run_doctor
 
@@ -137,6 +184,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    # SIGTERM unwinds like Ctrl-C, so every `with` block (processes, shared memory) cleans up
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"generate": cmd_generate, "doctor": cmd_doctor}

@@ -18,6 +18,7 @@ dim, F ffn dim, V vocab.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -76,18 +77,39 @@ class StageModel:
         stage. Returns hidden states [T, D], or on the last stage the logits [T', V] of the rows
         with `want_logits` (in row order).
         """
+        state = self.start(cache, batch, hidden)
+        while not state.done:
+            self.run_layer(state)
+        return self.finish(state)
+
+    # The same forward pass in three steps, so a pipeline stage can stop between layers (early
+    # cancellation) and a local runtime can interleave other work there.
+
+    def start(self, cache: KVCache, batch: Batch, hidden: np.ndarray | None = None) -> "ForwardState":
+        """Embed (first stage) or take `hidden`, place the rows in the cache, prepare RoPE."""
         x = self.embed(batch.tokens) if self.is_first else np.ascontiguousarray(hidden, dtype=np.float32)
         T, D = x.shape
         assert T == batch.n_rows and D == self.config.dim, f"{x.shape=} for {batch.n_rows} rows"
         cells = cache.alloc(batch.positions, batch.seq_ids)  # [T]
         visible = [cache.visible(s, p) for s, p in zip(batch.seq_ids, batch.positions)]
         cos, sin = kernels.rope_cos_sin(batch.positions, self.inv_freq)  # [T, HD/2] each
-        linear = kernels.linear_prefill if batch.prefill else kernels.linear_rows
-        for layer, lw in enumerate(self.weights.layers):
-            x = self._decoder_layer(lw, x, cache, layer, cells, visible, cos, sin, linear)
+        return ForwardState(batch=batch, cache=cache, x=x, cells=cells, visible=visible, cos=cos, sin=sin,
+                            n_layers=len(self.weights.layers))
+
+    def run_layer(self, state: "ForwardState") -> None:
+        """Run the next layer of a forward pass."""
+        linear = kernels.linear_prefill if state.batch.prefill else kernels.linear_rows
+        lw = self.weights.layers[state.layer]
+        state.x = self._decoder_layer(lw, state.x, state.cache, state.layer, state.cells, state.visible,
+                                      state.cos, state.sin, linear)
+        state.layer += 1
+
+    def finish(self, state: "ForwardState") -> np.ndarray:
+        """Hidden states [T, D] (not the last stage), or logits [T', V] of the wanted rows."""
+        assert state.done, f"{state.n_layers - state.layer} layers left"
         if not self.is_last:
-            return x  # [T, D]
-        return self.logits(x[batch.want_logits])
+            return state.x  # [T, D]
+        return self.logits(state.x[state.batch.want_logits])
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Final norm and LM head, one GEMV per row.  [T, D] -> [T, V]"""
@@ -119,6 +141,25 @@ class StageModel:
         h = kernels.rms_norm(x, lw.mlp_norm, c.norm_eps)  # [T, D]
         gate_up = linear(h, lw.w_gate_up, lw.b_gate_up)  # [T, D] -> [T, 2F]
         return x + linear(kernels.swiglu(gate_up), lw.w_down, lw.b_down)  # [T, F] -> [T, D]
+
+
+@dataclass
+class ForwardState:
+    """A batch part-way through a stage: its hidden states and where its rows sit in the cache."""
+
+    batch: Batch
+    cache: KVCache
+    x: np.ndarray  # [T, D]  hidden states after `layer` layers
+    cells: np.ndarray  # [T]  the rows' cache cells
+    visible: list  # per row: the cells it attends to (slice or index array)
+    cos: np.ndarray  # [T, HD/2]
+    sin: np.ndarray  # [T, HD/2]
+    n_layers: int
+    layer: int = 0  # layers done (index into the stage's own layers)
+
+    @property
+    def done(self) -> bool:
+        return self.layer == self.n_layers
 
 
 def load_stage(model_dir: str | Path, lo: int = 0, hi: int | None = None, progress: bool = False) -> StageModel:

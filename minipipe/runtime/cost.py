@@ -1,0 +1,122 @@
+"""The local runtime's cost model: virtual seconds for each kind of work, and how to calibrate it.
+
+The local runtime runs the real arithmetic (so tokens, acceptance and cancellations are real) but
+charges time from this model, so 8 or more stages can be studied on a 2-core machine:
+
+    one layer of a run on a stage   layer_fixed + layer_per_row · rows      (decode rows)
+                                    layer_fixed + prefill_per_row · rows    (prompt rows)
+    the LM head on the last stage   head_fixed + head_per_row · wanted rows
+    a message crossing one hop      hop_latency + bytes / hop_bandwidth
+    a drafted token in the head     draft_per_token (strategies report their drafting)
+
+`calibrate` measures the first four on this machine for a given model and ring; add
+`extra_hop_latency` to mimic a slow interconnect.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class CostModel:
+    layer_fixed: float = 100e-6
+    layer_per_row: float = 50e-6
+    prefill_per_row: float = 10e-6
+    head_fixed: float = 50e-6
+    head_per_row: float = 100e-6
+    hop_latency: float = 30e-6
+    hop_bandwidth: float = 5e9  # bytes per second
+    draft_per_token: float = 100e-6
+    kv_edit: float = 5e-6
+    submit: float = 10e-6  # the head's cost to encode and send a message
+
+    def layer(self, rows: int, prefill: bool) -> float:
+        return self.layer_fixed + (self.prefill_per_row if prefill else self.layer_per_row) * rows
+
+    def head(self, rows: int) -> float:
+        return self.head_fixed + self.head_per_row * rows
+
+    def hop(self, n_bytes: int) -> float:
+        return self.hop_latency + n_bytes / self.hop_bandwidth
+
+    def with_hop_latency(self, extra: float) -> "CostModel":
+        return replace(self, hop_latency=self.hop_latency + extra)
+
+    def describe(self) -> str:
+        us = 1e6
+        return (f"layer {self.layer_fixed * us:.0f} µs + {self.layer_per_row * us:.0f} µs/row "
+                f"(prefill {self.prefill_per_row * us:.1f} µs/row); head {self.head_fixed * us:.0f} µs + "
+                f"{self.head_per_row * us:.0f} µs/row; hop {self.hop_latency * us:.0f} µs + "
+                f"{self.hop_bandwidth / 1e9:.1f} GB/s; draft {self.draft_per_token * us:.0f} µs/token")
+
+
+def _best(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _fit(xs, ys) -> tuple[float, float]:
+    """Least-squares line y = a + b·x, clamped to non-negative."""
+    b, a = np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)
+    return max(float(a), 0.0), max(float(b), 0.0)
+
+
+def calibrate(model, draft=None, hop_latency: float | None = None, repeats: int = 5) -> CostModel:
+    """Measure per-layer, head and draft costs of real models on this machine.
+
+    `model` is a StageModel holding all layers of the target; `draft` an optional draft
+    StageModel; `hop_latency` a measured one-way ring latency (benchmarks/bench_ring.py).
+    """
+    from ..batch import Batch
+    from ..greedy import prefill
+
+    rng = np.random.default_rng(0)
+    V = model.config.vocab_size
+    prompt = list(rng.integers(0, V, 32))
+    rows_list, layer_times, head_times = [1, 2, 4, 8], [], []
+    for rows in rows_list:
+        tokens = list(rng.integers(0, V, rows))
+
+        def one_pass():
+            cache = model.new_cache(capacity=64)
+            prefill(model, cache, prompt)
+            state = model.start(cache, Batch.chain(tokens, len(prompt)), None)
+            t = time.perf_counter()
+            while not state.done:
+                model.run_layer(state)
+            t_layers = time.perf_counter() - t
+            t = time.perf_counter()
+            model.finish(state)
+            return t_layers, time.perf_counter() - t
+
+        samples = [one_pass() for _ in range(repeats)]
+        layer_times.append(min(s[0] for s in samples) / max(1, model.hi - model.lo))
+        head_times.append(min(s[1] for s in samples))
+    layer_fixed, layer_per_row = _fit(rows_list, layer_times)
+    head_fixed, head_per_row = _fit(rows_list, head_times)
+    prompt_rows = list(rng.integers(0, V, 64))
+    t_prefill = _best(lambda: prefill(model, model.new_cache(capacity=128), prompt_rows), repeats)
+    prefill_per_row = max(t_prefill / max(1, model.hi - model.lo) - layer_fixed, 0.0) / 64
+    cost = CostModel(layer_fixed=layer_fixed, layer_per_row=layer_per_row, prefill_per_row=prefill_per_row,
+                     head_fixed=head_fixed, head_per_row=head_per_row)
+    if draft is not None:
+        cache = draft.new_cache(capacity=64)
+        prefill(draft, cache, prompt)
+        pos = [len(prompt)]
+
+        def draft_step():
+            draft.forward(cache, Batch.chain([1], pos[0]))
+            pos[0] += 1
+
+        cost = replace(cost, draft_per_token=_best(draft_step, repeats * 4))
+    if hop_latency is not None:
+        cost = replace(cost, hop_latency=hop_latency)
+    return cost

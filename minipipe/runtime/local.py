@@ -1,0 +1,235 @@
+"""The local runtime: every stage in one process, advanced one step at a time.
+
+It uses the same `Stage` objects as the process runtime and computes the real arithmetic, but
+decides itself which stage moves next, so it is deterministic, steppable and traceable:
+
+* **clock mode** (`cost=CostModel(...)`, the default): a discrete-event simulation on a virtual
+  clock. Each stage processes its input in order; a step (one layer of a run, or one KV edit)
+  starts when the stage is free and the message has arrived, and lasts what the cost model says;
+  a message reaches the next stage one hop later. The head's clock advances with its own work
+  (`head_work`) and when it waits for an answer. Stages are simulated lazily, up to the head's
+  current time, whenever the head looks (`poll`, `receive`) or acts on timing (`cancel`).
+* **chooser mode** (`chooser=...`): no clock; a chooser picks which stage takes the next step,
+  and how many steps the stages take whenever the head pauses (submit, cancel, poll). Tests drive
+  it with hypothesis to explore interleavings the OS rarely produces: cancellations landing
+  before, between the layers of, and after a stage's work on a run.
+
+Step = one layer of a run (the stage checks the cancellation map before each), or the whole
+handling of any other message. Every step is recorded in the tracer.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import asdict, dataclass
+
+from ..model import StageModel
+from ..transport.cancel import LocalCancelSet
+from ..transport.messages import Cancelled, KVCopy, KVRemove, Result, Run
+from ..trace import Tracer
+from .base import Pipeline
+from .cost import CostModel
+from .stage import Stage
+
+
+class Chooser:
+    """Decides interleavings in chooser mode."""
+
+    def pick(self, runnable: list[int]) -> int:
+        """Which of the runnable stages steps next."""
+        return runnable[0]
+
+    def budget(self) -> int:
+        """How many stage steps happen while the head pauses."""
+        return 0
+
+
+class RandomChooser(Chooser):
+    def __init__(self, seed: int = 0, max_budget: int = 6):
+        self.rng, self.max_budget = random.Random(seed), max_budget
+
+    def pick(self, runnable: list[int]) -> int:
+        return self.rng.choice(runnable)
+
+    def budget(self) -> int:
+        return self.rng.randint(0, self.max_budget)
+
+
+@dataclass
+class _InFlight:
+    msg: object
+    steps: object  # the Stage.process generator
+    started: float  # when the stage started this message
+    t: float  # when its next step starts
+    layers_done: int = 0
+
+
+def message_bytes(msg, dim: int) -> int:
+    if isinstance(msg, Run):
+        return 64 + msg.batch.n_rows * (32 + (4 * dim if msg.hidden is not None else 0))
+    if isinstance(msg, Result):
+        return 64 + 8 * msg.tokens.shape[0] + (msg.logits.nbytes if msg.logits is not None else 0)
+    return 64
+
+
+class LocalPipeline(Pipeline):
+    def __init__(self, models: list[StageModel], n_seqs: int = 1, cost: CostModel | None = None,
+                 chooser: Chooser | None = None, tracer: Tracer | None = None, cache_cells: int = 256):
+        self.cancels = LocalCancelSet()
+        self.stages = [Stage(i, m, self.cancels, n_seqs, cache_cells) for i, m in enumerate(models)]
+        self.splits = [(m.lo, m.hi) for m in models]
+        self.dim = models[0].config.dim
+        self.chooser = chooser
+        self.cost = cost if cost is not None or chooser is not None else CostModel()
+        self.tracer = tracer if tracer is not None else Tracer()
+        n = len(models)
+        self.inbox: list[deque] = [deque() for _ in range(n)]  # per stage: (arrival time, message)
+        self.head_inbox: deque = deque()  # (arrival time, Result | Cancelled)
+        self.current: list[_InFlight | None] = [None] * n
+        self.free_at = [0.0] * n
+        self.clock = 0.0  # the head's time (virtual seconds, or steps in chooser mode)
+        self.n_steps = 0
+
+    # ------------------------------------------------------------------------------------------
+    # the head's side
+
+    def submit(self, msg: Run | KVRemove | KVCopy) -> None:
+        arrival = self.clock
+        if self.cost is not None:
+            self.clock += self.cost.submit
+            arrival = self.clock + self.cost.hop(message_bytes(msg, self.dim))
+        self.inbox[0].append((arrival, msg))
+        self.tracer.instant("head", type(msg).__name__, self.clock, "kv" if not isinstance(msg, Run) else "submit",
+                            getattr(msg, "run_id", None))
+        self._pause()
+
+    def cancel(self, run_id: int) -> None:
+        self._advance_to_now()
+        self.cancels.cancel(run_id)
+        self.tracer.instant("head", f"cancel {run_id}", self.clock, "cancel", run_id)
+        self._pause()
+
+    def poll(self) -> bool:
+        self._advance_to_now()
+        self._pause()
+        return bool(self.head_inbox) and self.head_inbox[0][0] <= self.clock
+
+    def receive(self) -> Result | Cancelled:
+        while not self.head_inbox:
+            runnable = self._runnable()
+            if not runnable:
+                raise RuntimeError("receive() with nothing in flight: the head would wait forever")
+            self._step(self._next_stage(runnable))
+        arrival, msg = self.head_inbox.popleft()
+        if self.cost is not None:
+            self.clock = max(self.clock, arrival)
+        return msg
+
+    def head_work(self, seconds: float) -> None:
+        if self.cost is not None:
+            self.clock += seconds
+
+    def now(self) -> float:
+        return self.clock
+
+    def stats(self) -> dict:
+        return {f"stage {s.index}": {k: v for k, v in asdict(s.stats).items() if k != "last_step"}
+                for s in self.stages}
+
+    # ------------------------------------------------------------------------------------------
+    # the stages' side
+
+    def _runnable(self) -> list[int]:
+        return [i for i in range(len(self.stages)) if self.current[i] is not None or self.inbox[i]]
+
+    def _start_time(self, i: int) -> float:
+        if self.current[i] is not None:
+            return self.current[i].t
+        return max(self.free_at[i], self.inbox[i][0][0])
+
+    def _next_stage(self, runnable: list[int]) -> int:
+        if self.chooser is not None:
+            return self.chooser.pick(runnable)
+        return min(runnable, key=lambda i: (self._start_time(i), i))
+
+    def _advance_to_now(self) -> None:
+        """Clock mode: simulate every stage step that starts before the head's current time."""
+        if self.chooser is not None:
+            return
+        while True:
+            runnable = [i for i in self._runnable() if self._start_time(i) <= self.clock]
+            if not runnable:
+                return
+            self._step(self._next_stage(runnable))
+
+    def _pause(self) -> None:
+        """Chooser mode: let the stages take some steps while the head is between actions."""
+        if self.chooser is None:
+            return
+        for _ in range(self.chooser.budget()):
+            runnable = self._runnable()
+            if not runnable:
+                return
+            self._step(self.chooser.pick(runnable))
+
+    def _step(self, i: int) -> None:
+        """Stage i takes one step: one layer of its current run, or a whole other message."""
+        stage = self.stages[i]
+        self.n_steps += 1
+        if self.current[i] is None:
+            arrival, msg = self.inbox[i].popleft()
+            start = self.n_steps if self.cost is None else max(self.free_at[i], arrival)
+            self.current[i] = _InFlight(msg, stage.process(msg), start, start)
+        job = self.current[i]
+        track, run_id = f"stage {i}", getattr(job.msg, "run_id", None)
+        try:
+            next(job.steps)  # one layer computed
+            rows = job.msg.batch.n_rows
+            end = job.t + (1 if self.cost is None else self.cost.layer(rows, job.msg.batch.prefill))
+            self.tracer.record(track, f"layer {stage.model.lo + job.layers_done}", job.t, end, "layer", run_id,
+                               rows=rows)
+            job.layers_done += 1
+            job.t = end
+            self.free_at[i] = end
+        except StopIteration as done:
+            outputs = done.value
+            end = job.t + self._finish_cost(job.msg, outputs)
+            self.free_at[i] = end
+            self.current[i] = None
+            self._record_finish(i, job, outputs, end)
+            for out in outputs:
+                arrival = end if self.cost is None else end + self.cost.hop(message_bytes(out, self.dim))
+                if i + 1 < len(self.stages):
+                    self.inbox[i + 1].append((arrival, out))
+                elif isinstance(out, (Result, Cancelled)):
+                    self.head_inbox.append((arrival, out))
+
+    def _finish_cost(self, msg, outputs) -> float:
+        if self.cost is None:
+            return 0
+        if isinstance(msg, (KVRemove, KVCopy)):
+            return self.cost.kv_edit
+        if outputs and isinstance(outputs[0], Result):
+            return self.cost.head(outputs[0].tokens.shape[0])
+        return 0.0
+
+    def _record_finish(self, i: int, job: _InFlight, outputs: list, end: float) -> None:
+        track, msg = f"stage {i}", job.msg
+        if isinstance(msg, Run):
+            cancelled = bool(outputs) and isinstance(outputs[0], Cancelled)
+            kind = "cancel" if cancelled else "run"
+            name = ("cancelled " if cancelled else "") + ("spec run" if msg.speculative else "run") + f" {msg.run_id}"
+            self.tracer.record(track, name, job.started, max(end, job.started), kind, msg.run_id,
+                               rows=msg.batch.n_rows, speculative=msg.speculative)
+        elif isinstance(msg, Cancelled):
+            self.tracer.instant(track, f"skip cancelled {msg.run_id}", job.started, "cancel", msg.run_id)
+        elif isinstance(msg, (KVRemove, KVCopy)):
+            self.tracer.instant(track, _kv_label(msg), job.started, "kv")
+
+
+def _kv_label(msg) -> str:
+    p1 = "∞" if msg.p1 is None else msg.p1
+    if isinstance(msg, KVRemove):
+        return f"seq_rm({'all' if msg.seq is None else msg.seq}, {msg.p0}, {p1})"
+    return f"seq_cp({msg.src}->{msg.dst}, {msg.p0}, {p1})"

@@ -1,0 +1,102 @@
+"""A pipeline stage: layers [lo, hi) of the target, their KV cache, and what to do with each message.
+
+The same `Stage` object runs in both runtimes: the process runtime feeds it from a ring buffer
+in its own OS process; the local runtime advances it step by step inside one process. A stage
+knows nothing about transport or time.
+
+What a stage does with each message (in arrival order, always):
+
+| message      | action                                                         | forwards        |
+|--------------|----------------------------------------------------------------|-----------------|
+| `Run`        | unless cancelled: place rows in the cache, run each layer,     | `Run` with the  |
+|              | checking the cancellation map before every layer               | hidden states,  |
+|              |                                                                | or a `Result`   |
+|              | if cancelled (before or between layers): stop                  | `Cancelled`     |
+| `Cancelled`  | nothing to compute (adds its layers to the skipped count)      | the stub        |
+| `KVRemove`,  | apply to this stage's cache, after every earlier run           | the edit (not   |
+| `KVCopy`     |                                                                | the last stage) |
+| `Shutdown` and the rest | nothing                                             | the message     |
+
+`process` is a generator: it yields after each layer (so a runtime can interleave other
+actors there) and returns the messages to forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass, field
+
+from .. import kernels
+from ..model import StageModel
+from ..transport.messages import Cancelled, KVCopy, KVRemove, Message, Result, Run
+
+
+@dataclass
+class StageStats:
+    runs: int = 0  # runs computed to the end
+    layers_computed: int = 0  # stage-layers computed (one run through one layer = 1)
+    layers_skipped: int = 0  # stage-layers saved by cancellation
+    runs_cancelled: int = 0  # runs this stage stopped or skipped
+    kv_edits: int = 0
+    last_step: dict = field(default_factory=dict)  # what the latest step did (for runtimes' traces)
+
+
+class Stage:
+    def __init__(self, index: int, model: StageModel, cancels, n_seqs: int = 1, cache_cells: int = 256):
+        """`cancels` has `is_cancelled(run_id)` (a shared CancelMap or a LocalCancelSet)."""
+        self.index, self.model, self.cancels = index, model, cancels
+        self.cache = model.new_cache(n_seqs=n_seqs, capacity=cache_cells)
+        self.n_layers = model.hi - model.lo
+        self.stats = StageStats()
+
+    @property
+    def is_last(self) -> bool:
+        return self.model.is_last
+
+    def process(self, msg: Message) -> Generator[None, None, list[Message]]:
+        """Handle one message; yields between layers; returns the messages to forward."""
+        if isinstance(msg, Run):
+            return (yield from self._run(msg))
+        if isinstance(msg, Cancelled):
+            self.stats.layers_skipped += self.n_layers
+            return [Cancelled(msg.run_id, msg.layers_skipped + self.n_layers)]
+        if isinstance(msg, (KVRemove, KVCopy)):
+            if isinstance(msg, KVRemove):
+                self.cache.seq_rm(msg.seq, msg.p0, msg.p1)
+            else:
+                self.cache.seq_cp(msg.src, msg.dst, msg.p0, msg.p1)
+            self.stats.kv_edits += 1
+            return [] if self.is_last else [msg]
+        return [msg]
+
+    def _run(self, run: Run) -> Generator[None, None, list[Message]]:
+        model = self.model
+        if self.cancels.is_cancelled(run.run_id):
+            return self._cancel(run, self.n_layers)
+        state = model.start(self.cache, run.batch, run.hidden)
+        while not state.done:
+            if self.cancels.is_cancelled(run.run_id):
+                return self._cancel(run, state.n_layers - state.layer)
+            model.run_layer(state)
+            self.stats.layers_computed += 1
+            yield
+        out = model.finish(state)
+        self.stats.runs += 1
+        if not self.is_last:
+            return [Run(run.run_id, run.batch, out, run.return_logits, run.speculative)]
+        tokens = kernels.argmax_rows(out)  # [T'] greedy choice per wanted row
+        return [Result(run.run_id, tokens, out if run.return_logits else None)]
+
+    def _cancel(self, run: Run, layers_left: int) -> list[Message]:
+        self.stats.layers_skipped += layers_left
+        self.stats.runs_cancelled += 1
+        return [Cancelled(run.run_id, layers_left)]
+
+
+def drain(steps: Generator) -> list[Message]:
+    """Run a `process` generator to the end; return its messages."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value

@@ -1,0 +1,250 @@
+"""The messages that travel along the pipeline, and their byte format on a ring.
+
+Every stage reads its input ring strictly in order and forwards what the next stage needs, so
+KV edits stay in order with the runs around them (PipeInfer's transaction ordering; never a
+side channel).
+
+| message       | from -> to                 | meaning                                               |
+|---------------|----------------------------|-------------------------------------------------------|
+| `Run`         | head -> stage 0 -> ...     | a batch to compute (stage > 0 also gets hidden states) |
+| `Result`      | last stage -> head         | greedy token per wanted row (+ logits if asked)        |
+| `Cancelled`   | any stage -> ... -> head   | stub for a run skipped by early cancellation           |
+| `KVRemove`    | head -> every stage        | `seq_rm(seq, p0, p1)` on each stage's cache            |
+| `KVCopy`      | head -> every stage        | `seq_cp(src, dst, p0, p1)` on each stage's cache       |
+| `Ready`       | stage -> ... -> head       | a stage has loaded its weights                         |
+| `StageFailed` | stage -> ... -> head       | a stage hit an error; the head reports it              |
+| `Shutdown`    | head -> every stage -> head| stop after forwarding                                  |
+| `TraceEvents` | stage -> ... -> head       | a stage's recorded events, sent at shutdown            |
+
+Byte format: a 64-byte header, then the kind's arrays, each padded to 8 bytes:
+
+    header: magic u16 | kind u16 | flags u32 | run_id i64 | n_rows u32 | width u32 |
+            n_seq_ids u32 | n_bytes u32 | args i64[4] | (padding to 64)
+    Run:    tokens i64[T] | positions i64[T] | want_logits u8[T] | seq counts i32[T] |
+            seq ids i32[n_seq_ids] | hidden f32[T, width] (flag HIDDEN)
+    Result: tokens i64[T] | logits f32[T, width] (flag LOGITS)
+    others: args in the header; text (UTF-8, n_bytes) for StageFailed and TraceEvents
+
+Decoding reads arrays in place (zero-copy views of the ring's memory), so a reader must finish
+with them before it consumes the record. A record that does not parse raises `CorruptMessage`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..batch import Batch
+from ..errors import MinipipeError
+
+MAGIC = 0x4D50  # "MP"
+HEADER = np.dtype([("magic", "<u2"), ("kind", "<u2"), ("flags", "<u4"), ("run_id", "<i8"), ("n_rows", "<u4"),
+                   ("width", "<u4"), ("n_seq_ids", "<u4"), ("n_bytes", "<u4"), ("args", "<i8", 4)], align=False)
+HEADER_BYTES = 64
+assert HEADER.itemsize <= HEADER_BYTES
+
+# kinds
+RUN, RESULT, CANCELLED, KV_REMOVE, KV_COPY, READY, STAGE_FAILED, SHUTDOWN, TRACE = range(1, 10)
+# flags
+F_HIDDEN, F_LOGITS, F_PREFILL, F_RETURN_LOGITS, F_SPECULATIVE = 1, 2, 4, 8, 16
+NONE = -1  # "no value" in the header's integer args (e.g. p1 = infinity)
+
+
+class CorruptMessage(MinipipeError):
+    """A ring record that is not a well-formed message."""
+
+
+@dataclass
+class Run:
+    run_id: int
+    batch: Batch
+    hidden: np.ndarray | None = None  # [T, D] for stages after the first
+    return_logits: bool = False  # the last stage also returns the wanted rows' logits
+    speculative: bool = False  # informational (traces): a speculative run
+
+
+@dataclass
+class Result:
+    run_id: int
+    tokens: np.ndarray  # [T'] greedy token (argmax) of each wanted row, in row order
+    logits: np.ndarray | None = None  # [T', V] when the run asked for them
+
+
+@dataclass
+class Cancelled:
+    run_id: int
+    layers_skipped: int = 0  # stage-layers not computed because of the cancellation, summed so far
+
+
+@dataclass
+class KVRemove:
+    seq: int | None  # None: every sequence
+    p0: int = 0
+    p1: int | None = None  # None: no upper bound
+
+
+@dataclass
+class KVCopy:
+    src: int
+    dst: int
+    p0: int = 0
+    p1: int | None = None
+
+
+@dataclass
+class Ready:
+    stage: int
+    pid: int
+
+
+@dataclass
+class StageFailed:
+    stage: int
+    message: str
+
+
+@dataclass
+class Shutdown:
+    pass
+
+
+@dataclass
+class TraceEvents:
+    stage: int
+    events: list = field(default_factory=list)
+
+
+Message = Run | Result | Cancelled | KVRemove | KVCopy | Ready | StageFailed | Shutdown | TraceEvents
+
+
+# ----------------------------------------------------------------------------------------------
+# encoding
+
+def _pad8(n_bytes: int) -> int:
+    return (n_bytes + 7) // 8 * 8
+
+
+def _bytes(a: np.ndarray) -> list:
+    raw = memoryview(np.ascontiguousarray(a)).cast("B")
+    pad = _pad8(raw.nbytes) - raw.nbytes
+    return [raw, bytes(pad)] if pad else [raw]
+
+
+def _opt(x: int | None) -> int:
+    return NONE if x is None else int(x)
+
+
+def encode(msg: Message) -> list:
+    """The message as a list of bytes-like parts (arrays are not copied)."""
+    h = np.zeros(1, dtype=HEADER)[0]
+    h["magic"] = MAGIC
+    body: list = []
+    if isinstance(msg, Run):
+        b = msg.batch
+        T = b.n_rows
+        counts = np.array([len(s) for s in b.seq_ids], dtype=np.int32)
+        flat = np.array([s for seqs in b.seq_ids for s in seqs], dtype=np.int32)
+        h["kind"], h["run_id"], h["n_rows"], h["n_seq_ids"] = RUN, msg.run_id, T, flat.shape[0]
+        h["flags"] = ((F_HIDDEN if msg.hidden is not None else 0) | (F_PREFILL if b.prefill else 0)
+                      | (F_RETURN_LOGITS if msg.return_logits else 0) | (F_SPECULATIVE if msg.speculative else 0))
+        body += _bytes(b.tokens.astype(np.int64)) + _bytes(b.positions.astype(np.int64))
+        body += _bytes(b.want_logits.astype(np.uint8)) + _bytes(counts) + _bytes(flat)
+        if msg.hidden is not None:
+            h["width"] = msg.hidden.shape[1]
+            body += _bytes(msg.hidden.astype(np.float32, copy=False))
+    elif isinstance(msg, Result):
+        h["kind"], h["run_id"], h["n_rows"] = RESULT, msg.run_id, msg.tokens.shape[0]
+        body += _bytes(msg.tokens.astype(np.int64))
+        if msg.logits is not None:
+            h["flags"], h["width"] = F_LOGITS, msg.logits.shape[1]
+            body += _bytes(msg.logits.astype(np.float32, copy=False))
+    elif isinstance(msg, Cancelled):
+        h["kind"], h["run_id"], h["args"][0] = CANCELLED, msg.run_id, msg.layers_skipped
+    elif isinstance(msg, KVRemove):
+        h["kind"], h["args"][:3] = KV_REMOVE, (_opt(msg.seq), msg.p0, _opt(msg.p1))
+    elif isinstance(msg, KVCopy):
+        h["kind"], h["args"] = KV_COPY, (msg.src, msg.dst, msg.p0, _opt(msg.p1))
+    elif isinstance(msg, Ready):
+        h["kind"], h["args"][:2] = READY, (msg.stage, msg.pid)
+    elif isinstance(msg, Shutdown):
+        h["kind"] = SHUTDOWN
+    elif isinstance(msg, (StageFailed, TraceEvents)):
+        text = (msg.message if isinstance(msg, StageFailed) else json.dumps(msg.events)).encode()
+        h["kind"] = STAGE_FAILED if isinstance(msg, StageFailed) else TRACE
+        h["args"][0], h["n_bytes"] = msg.stage, len(text)
+        body += _bytes(np.frombuffer(text, dtype=np.uint8))
+    else:
+        raise TypeError(f"not a message: {msg!r}")
+    header = np.zeros(HEADER_BYTES, dtype=np.uint8)
+    header[: HEADER.itemsize] = np.frombuffer(h.tobytes(), dtype=np.uint8)
+    return [header] + body
+
+
+# ----------------------------------------------------------------------------------------------
+# decoding
+
+class _Reader:
+    """Reads consecutive 8-byte-aligned arrays out of a payload, checking every bound."""
+
+    def __init__(self, payload: memoryview):
+        self.payload, self.offset = payload, HEADER_BYTES
+
+    def array(self, dtype, count: int, shape=None) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        n_bytes = dtype.itemsize * count
+        if count < 0 or self.offset + n_bytes > len(self.payload):
+            raise CorruptMessage(f"message body ends early ({len(self.payload)} bytes)")
+        a = np.frombuffer(self.payload, dtype=dtype, count=count, offset=self.offset)
+        self.offset += _pad8(n_bytes)
+        return a if shape is None else a.reshape(shape)
+
+
+def decode(payload: memoryview) -> Message:
+    """Parse one ring record (arrays are views of `payload`)."""
+    if len(payload) < HEADER_BYTES:
+        raise CorruptMessage(f"record of {len(payload)} bytes is shorter than a header")
+    h = np.frombuffer(payload, dtype=HEADER, count=1)[0]
+    if h["magic"] != MAGIC:
+        raise CorruptMessage(f"bad magic 0x{int(h['magic']):04x}")
+    kind, flags, run_id, args = int(h["kind"]), int(h["flags"]), int(h["run_id"]), [int(a) for a in h["args"]]
+    r = _Reader(payload)
+    T, width = int(h["n_rows"]), int(h["width"])
+    if kind == RUN:
+        tokens = r.array(np.int64, T)
+        positions = r.array(np.int64, T)
+        want = r.array(np.uint8, T).astype(bool)
+        counts = r.array(np.int32, T)
+        flat = r.array(np.int32, int(h["n_seq_ids"]))
+        if counts.sum() != flat.shape[0] or (counts < 1).any():
+            raise CorruptMessage("sequence-id counts do not match the ids")
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        seq_ids = tuple(tuple(int(s) for s in flat[bounds[i]: bounds[i + 1]]) for i in range(T))
+        hidden = r.array(np.float32, T * width, (T, width)) if flags & F_HIDDEN else None
+        batch = Batch(tokens=tokens, positions=positions, seq_ids=seq_ids, want_logits=want,
+                      prefill=bool(flags & F_PREFILL))
+        return Run(run_id, batch, hidden, bool(flags & F_RETURN_LOGITS), bool(flags & F_SPECULATIVE))
+    if kind == RESULT:
+        tokens = r.array(np.int64, T)
+        logits = r.array(np.float32, T * width, (T, width)) if flags & F_LOGITS else None
+        return Result(run_id, tokens, logits)
+    if kind == CANCELLED:
+        return Cancelled(run_id, args[0])
+    if kind == KV_REMOVE:
+        return KVRemove(None if args[0] == NONE else args[0], args[1], None if args[2] == NONE else args[2])
+    if kind == KV_COPY:
+        return KVCopy(args[0], args[1], args[2], None if args[3] == NONE else args[3])
+    if kind == READY:
+        return Ready(args[0], args[1])
+    if kind == SHUTDOWN:
+        return Shutdown()
+    if kind in (STAGE_FAILED, TRACE):
+        text = r.array(np.uint8, int(h["n_bytes"])).tobytes().decode("utf-8", errors="replace")
+        if kind == STAGE_FAILED:
+            return StageFailed(args[0], text)
+        try:
+            return TraceEvents(args[0], json.loads(text))
+        except json.JSONDecodeError:
+            raise CorruptMessage("trace events are not valid JSON") from None
+    raise CorruptMessage(f"unknown message kind {kind}")

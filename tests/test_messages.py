@@ -1,0 +1,110 @@
+"""Messages survive encoding exactly; garbage is refused as CorruptMessage, never anything else."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from minipipe.batch import Batch
+from minipipe.transport.cancel import CancelMap
+from minipipe.transport.messages import (Cancelled, CorruptMessage, KVCopy, KVRemove, Ready, Result, Run, Shutdown,
+                                         StageFailed, TraceEvents, decode, encode)
+
+ints = st.integers(0, 2**40)
+opt_pos = st.one_of(st.none(), st.integers(0, 10**6))
+
+
+@st.composite
+def runs(draw):
+    T = draw(st.integers(1, 6))
+    seq_ids = tuple(tuple(draw(st.lists(st.integers(0, 999), min_size=1, max_size=3, unique=True))) for _ in range(T))
+    batch = Batch(tokens=np.array(draw(st.lists(st.integers(0, 50000), min_size=T, max_size=T)), dtype=np.int64),
+                  positions=np.array(draw(st.lists(st.integers(0, 4096), min_size=T, max_size=T)), dtype=np.int64),
+                  seq_ids=seq_ids, want_logits=np.array(draw(st.lists(st.booleans(), min_size=T, max_size=T))),
+                  prefill=draw(st.booleans()))
+    hidden = None
+    if draw(st.booleans()):
+        hidden = np.random.default_rng(draw(ints)).standard_normal((T, draw(st.integers(1, 9)))).astype(np.float32)
+    return Run(draw(ints), batch, hidden, draw(st.booleans()), draw(st.booleans()))
+
+
+@st.composite
+def results(draw):
+    n = draw(st.integers(0, 5))
+    logits = np.random.default_rng(n).standard_normal((n, 7)).astype(np.float32) if draw(st.booleans()) else None
+    return Result(draw(ints), np.array(draw(st.lists(st.integers(0, 50000), min_size=n, max_size=n)), dtype=np.int64),
+                  logits)
+
+
+messages = st.one_of(
+    runs(), results(),
+    st.builds(Cancelled, ints, st.integers(0, 1000)),
+    st.builds(KVRemove, st.one_of(st.none(), st.integers(0, 999)), st.integers(0, 10**6), opt_pos),
+    st.builds(KVCopy, st.integers(0, 999), st.integers(0, 999), st.integers(0, 10**6), opt_pos),
+    st.builds(Ready, st.integers(0, 63), st.integers(1, 2**22)),
+    st.builds(StageFailed, st.integers(0, 63), st.text(max_size=80)),
+    st.builds(TraceEvents, st.integers(0, 63), st.lists(st.dictionaries(st.text(max_size=5), st.integers()), max_size=3)),
+    st.just(Shutdown()),
+)
+
+
+def roundtrip(msg):
+    return decode(memoryview(b"".join(bytes(p) for p in encode(msg))))
+
+
+def same(a, b) -> bool:
+    if type(a) is not type(b):
+        return False
+    for k, va in vars(a).items():
+        vb = getattr(b, k)
+        if isinstance(va, Batch):
+            if not (all(np.array_equal(getattr(va, f), getattr(vb, f)) for f in ("tokens", "positions", "want_logits"))
+                    and va.seq_ids == vb.seq_ids and va.prefill == vb.prefill):
+                return False
+        elif isinstance(va, np.ndarray) or isinstance(vb, np.ndarray):
+            if va is None or vb is None or not np.array_equal(va, vb):
+                return False
+        elif va != vb:
+            return False
+    return True
+
+
+@given(messages)
+def test_roundtrip(msg):
+    assert same(roundtrip(msg), msg)
+
+
+@given(messages, st.data())
+def test_damaged_records_raise_corrupt_message(msg, data):
+    raw = bytearray(b"".join(bytes(p) for p in encode(msg)))
+    how = data.draw(st.sampled_from(["truncate", "flip", "garbage"]))
+    if how == "truncate":
+        raw = raw[: data.draw(st.integers(0, len(raw) - 1))]
+    elif how == "flip":
+        i = data.draw(st.integers(0, min(len(raw), 64) - 1))
+        raw[i] ^= data.draw(st.integers(1, 255))
+    else:
+        raw = bytearray(data.draw(st.binary(max_size=200)))
+    try:
+        decode(memoryview(bytes(raw)))
+    except CorruptMessage:
+        pass  # the only acceptable failure; a flipped header byte may also still decode
+
+
+def test_cancel_map_epochs():
+    cm = CancelMap.create(capacity=8)
+    try:
+        cm.cancel(3)
+        assert cm.is_cancelled(3) and not cm.is_cancelled(11)  # 11 shares 3's slot, later epoch
+        cm.cancel(11)
+        assert cm.is_cancelled(11) and not cm.is_cancelled(3) and not cm.is_cancelled(4)
+    finally:
+        cm.release()
+
+
+def test_bad_magic():
+    raw = bytearray(b"".join(bytes(p) for p in encode(Shutdown())))
+    raw[0] ^= 0xFF
+    with pytest.raises(CorruptMessage, match="bad magic"):
+        decode(memoryview(bytes(raw)))
