@@ -127,6 +127,8 @@ def _pad8(n_bytes: int) -> int:
 
 
 def _bytes(a: np.ndarray) -> list:
+    if a.size == 0:
+        return []
     raw = memoryview(np.ascontiguousarray(a)).cast("B")
     pad = _pad8(raw.nbytes) - raw.nbytes
     return [raw, bytes(pad)] if pad else [raw]
