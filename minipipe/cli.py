@@ -3,6 +3,7 @@
     minipipe generate "Once upon a time" --model DIR --max-new-tokens 64
     minipipe generate --prompt-ids 1,403,407 --model DIR --json
     minipipe doctor
+    minipipe pull smollm2-135m
 
 Text streams to stdout; progress and the summary go to stderr. User errors print one line
 (`minipipe: error: ...`) and exit with status 1; Ctrl-C exits with status 130.
@@ -67,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help='print one JSON object {"tokens": [...], "text": ..., "metrics": {...}} instead of streaming')
     gen.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
 
+    gen.add_argument("--chat", action="store_true",
+                     help="treat PROMPT as a user message and apply the model's chat template "
+                          "(chat_template in tokenizer_config.json) before tokenizing")
+
     doc = sub.add_parser(
         "doctor", help="check the exact-kernel policy on this machine",
         description="Check that a token's logits do not depend on the batch it is computed in "
@@ -74,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "measure what the policy costs against plain batched BLAS.")
     doc.add_argument("--model", metavar="DIR|NAME", help="also check this checkpoint (default: random models only)")
     doc.add_argument("--quick", action="store_true", help="fewer cases, shorter timings")
+
+    from .pull import add_pull_parser
+
+    add_pull_parser(sub)
     return parser
 
 
@@ -97,7 +106,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except MinipipeError:
         if args.prompt_ids is None:
             raise
-    prompt_ids = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else tokenizer.encode(args.prompt)
+    text = args.prompt
+    if args.chat:
+        if args.prompt is None or tokenizer is None:
+            raise InputError("--chat needs a PROMPT and the model's tokenizer (not --prompt-ids)")
+        from .chat import chat_prompt
+
+        text = chat_prompt(tokenizer, args.prompt)
+    prompt_ids = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else tokenizer.encode(text)
     check_prompt(prompt_ids, config.vocab_size, config.max_positions)
     show_progress = not args.quiet and sys.stderr.isatty()
     eos_ids = tokenizer.eos_ids if tokenizer is not None else config.eos_ids
@@ -190,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"generate": cmd_generate, "doctor": cmd_doctor}
+    from .pull import cmd_pull
+
+    handlers = {"generate": cmd_generate, "doctor": cmd_doctor, "pull": cmd_pull}
     try:
         return handlers[args.command](args)
     except MinipipeError as e:

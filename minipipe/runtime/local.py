@@ -113,6 +113,8 @@ class LocalPipeline(Pipeline):
     def poll(self) -> bool:
         self._advance_to_now()
         self._pause()
+        if self.cost is None:  # chooser mode: no clock, an answer is there or not
+            return bool(self.head_inbox)
         return bool(self.head_inbox) and self.head_inbox[0][0] <= self.clock
 
     def receive(self) -> Result | Cancelled:
@@ -173,7 +175,30 @@ class LocalPipeline(Pipeline):
                 return
             self._step(self.chooser.pick(runnable))
 
-    def _step(self, i: int) -> None:
+    # ------------------------------------------------------------------------------------------
+    # stepping by hand (examples, teaching)
+
+    def busy_stages(self) -> list[int]:
+        """Stages with a message in progress or waiting."""
+        return self._runnable()
+
+    def tick(self) -> dict[int, list]:
+        """Every busy stage takes one step; returns {stage: messages it sent in this step}."""
+        sent = {}
+        for i in self._runnable():
+            sent[i] = self.step(i)
+        return sent
+
+    def step(self, i: int) -> list:
+        """Stage i takes one step; returns the messages it sent (empty unless a message finished)."""
+        return self._step(i)
+
+    def in_progress(self, i: int):
+        """The message stage i is working on (None if idle) and how many layers it has done."""
+        job = self.current[i]
+        return (None, 0) if job is None else (job.msg, job.layers_done)
+
+    def _step(self, i: int) -> list:
         """Stage i takes one step: one layer of its current run, or a whole other message."""
         stage = self.stages[i]
         self.n_steps += 1
@@ -183,36 +208,40 @@ class LocalPipeline(Pipeline):
             self.current[i] = _InFlight(msg, stage.process(msg), start, start)
         job = self.current[i]
         track, run_id = f"stage {i}", getattr(job.msg, "run_id", None)
+        computed_before = stage.stats.layers_computed
         try:
-            next(job.steps)  # one layer computed
-            rows = job.msg.batch.n_rows
-            end = job.t + (1 if self.cost is None else self.cost.layer(rows, job.msg.batch.prefill))
-            self.tracer.record(track, f"layer {stage.model.lo + job.layers_done}", job.t, end, "layer", run_id,
-                               rows=rows)
-            job.layers_done += 1
-            job.t = end
-            self.free_at[i] = end
-        except StopIteration as done:
+            next(job.steps)  # one layer computed, more to come
+            outputs = None
+        except StopIteration as done:  # finished (its last layer, if any, computed in this step)
             outputs = done.value
-            end = job.t + self._finish_cost(job.msg, outputs)
-            self.free_at[i] = end
-            self.current[i] = None
-            self._record_finish(i, job, outputs, end)
-            for out in outputs:
-                arrival = end if self.cost is None else end + self.cost.hop(message_bytes(out, self.dim))
-                if i + 1 < len(self.stages):
-                    self.inbox[i + 1].append((arrival, out))
-                elif isinstance(out, (Result, Cancelled)):
-                    self.head_inbox.append((arrival, out))
+        layers = stage.stats.layers_computed - computed_before
+        end = job.t + self._step_cost(job.msg, layers, outputs)
+        if layers:
+            self.tracer.record(track, f"layer {stage.model.lo + job.layers_done}", job.t, end, "layer", run_id,
+                               rows=job.msg.batch.n_rows)
+            job.layers_done += layers
+        job.t = self.free_at[i] = end
+        if outputs is None:
+            return []
+        self.current[i] = None
+        self._record_finish(i, job, outputs, end)
+        for out in outputs:
+            arrival = end if self.cost is None else end + self.cost.hop(message_bytes(out, self.dim))
+            if i + 1 < len(self.stages):
+                self.inbox[i + 1].append((arrival, out))
+            elif isinstance(out, (Result, Cancelled)):
+                self.head_inbox.append((arrival, out))
+        return outputs
 
-    def _finish_cost(self, msg, outputs) -> float:
+    def _step_cost(self, msg, layers: int, outputs) -> float:
         if self.cost is None:
-            return 0
+            return 1  # chooser mode: time counts steps
+        cost = self.cost.layer(msg.batch.n_rows, msg.batch.prefill) * layers if layers else 0.0
         if isinstance(msg, (KVRemove, KVCopy)):
-            return self.cost.kv_edit
-        if outputs and isinstance(outputs[0], Result):
-            return self.cost.head(outputs[0].tokens.shape[0])
-        return 0.0
+            cost += self.cost.kv_edit
+        elif outputs and isinstance(outputs[0], Result):
+            cost += self.cost.head(outputs[0].tokens.shape[0])
+        return cost
 
     def _record_finish(self, i: int, job: _InFlight, outputs: list, end: float) -> None:
         track, msg = f"stage {i}", job.msg

@@ -17,8 +17,9 @@ What a stage does with each message (in arrival order, always):
 | `KVCopy`     |                                                                | the last stage) |
 | `Shutdown` and the rest | nothing                                             | the message     |
 
-`process` is a generator: it yields after each layer (so a runtime can interleave other
-actors there) and returns the messages to forward.
+`process` is a generator: it yields between layers (so a runtime can interleave other actors
+there) and returns the messages to forward; the step that computes a run's last layer also
+finishes it.
 """
 
 from __future__ import annotations
@@ -74,12 +75,14 @@ class Stage:
         if self.cancels.is_cancelled(run.run_id):
             return self._cancel(run, self.n_layers)
         state = model.start(self.cache, run.batch, run.hidden)
-        while not state.done:
+        while True:
             if self.cancels.is_cancelled(run.run_id):
                 return self._cancel(run, state.n_layers - state.layer)
             model.run_layer(state)
             self.stats.layers_computed += 1
-            yield
+            if state.done:
+                break
+            yield  # between layers
         out = model.finish(state)
         self.stats.runs += 1
         if not self.is_last:
