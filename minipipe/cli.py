@@ -17,7 +17,7 @@ import sys
 
 from .errors import InputError, MinipipeError
 
-STRATEGIES = ("greedy", "pipeline")
+STRATEGIES = ("greedy", "pipeline", "speculative", "tree")
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -49,9 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop after N generated tokens (default: 64); generation also stops at an "
                           "end-of-sequence token or when the context is full")
     gen.add_argument("--strategy", choices=STRATEGIES, default="greedy",
-                     help="decoding strategy: greedy (single process, the oracle; default) or pipeline "
-                          "(plain pipeline parallelism over --stages processes). Every strategy emits "
-                          "exactly the greedy tokens")
+                     help="decoding strategy: greedy (single process, the oracle; default), pipeline "
+                          "(plain pipeline parallelism over --stages processes), speculative (draft a chain, "
+                          "verify it in one pass), tree (SpecInfer: draft a token tree, verify it in one pass). "
+                          "Every strategy emits exactly the greedy tokens")
     gen.add_argument("--stages", type=int, metavar="N",
                      help="pipeline stages, one OS process each (default: 2 for pipelined strategies)")
     gen.add_argument("--split", metavar="A,B,...",
@@ -68,6 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
                      help='print one JSON object {"tokens": [...], "text": ..., "metrics": {...}} instead of streaming')
     gen.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
 
+    spec = parser_group = gen.add_argument_group("speculation (speculative, tree)")
+    spec.add_argument("--draft", metavar="N|SOURCE",
+                      help="a number: the most tokens drafted per verification (default 4); otherwise the "
+                           "draft source, as for --draft-model")
+    spec.add_argument("--draft-model", metavar="SOURCE",
+                      help="where drafts come from: a checkpoint directory or model name sharing the target's "
+                           "tokenizer (default: the shipped tinybard-draft), 'ngram' (prompt lookup, no model), "
+                           "or 'oracle:P' (the target's own greedy tokens, each right with probability P: for "
+                           "tests and benchmarks)")
+    spec.add_argument("--p-accept", type=float, default=0.0, metavar="P",
+                      help="stop drafting when the draft's own top probability falls below P (adaptive "
+                           "speculation length; llama.cpp's --draft-p-min). Default 0: always draft --draft tokens")
+    spec.add_argument("--tree-schedule", metavar="K1,K2,...", default="1,1,3,1,1,1,1,1",
+                      help="tree: children per leaf at each depth (default SpecInfer's 1,1,3,1,1,1,1,1)")
+    spec.add_argument("--tree-budget", type=int, metavar="N",
+                      help="tree: grow best-first by path probability up to N nodes instead of a schedule")
+    del parser_group
     gen.add_argument("--chat", action="store_true",
                      help="treat PROMPT as a user message and apply the model's chat template "
                           "(chat_template in tokenizer_config.json) before tokenizing")
@@ -153,6 +171,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         if not args.quiet:
             print(f"[{args.strategy}] {result.metrics.summary()}, stopped by {result.stop_reason}", file=sys.stderr)
+            if "speculation" in result.metrics.extra:
+                print(f"[{args.strategy}] {result.metrics.extra['speculation'].summary()}", file=sys.stderr)
+    if args.timeline:
+        print(args.tracer.timeline(), file=sys.stderr)
     return 0
 
 
@@ -168,7 +190,7 @@ def _run_strategy(args, config, prompt_ids, eos_ids, on_token, show_progress):
         return generate_greedy(model, prompt_ids, args.max_new_tokens, eos_ids, on_token=on_token)
 
     from .runtime import open_pipeline
-    from .strategies import STRATEGIES as STRATEGY_CLASSES, generate
+    from .strategies import generate
     from .trace import Tracer
 
     split = None
@@ -178,17 +200,69 @@ def _run_strategy(args, config, prompt_ids, eos_ids, on_token, show_progress):
         except ValueError:
             raise InputError(f"--split must be comma-separated layer counts, got {args.split!r}") from None
     n_stages = args.stages if args.stages is not None else (len(split) if split else 2)
-    strategy = STRATEGY_CLASSES[args.strategy]()
+    strategy = _make_strategy(args, config, prompt_ids, eos_ids)
     tracer = Tracer(enabled=bool(args.trace or args.timeline))
     with open_pipeline(args.model, args.runtime, n_stages, split, strategy.n_seqs, tracer=tracer) as pipe:
         result = generate(strategy, pipe, prompt_ids, args.max_new_tokens, eos_ids, config.max_positions, on_token)
     if args.trace:
         tracer.write_chrome(args.trace)
-    if args.timeline:
-        print(tracer.timeline(), file=sys.stderr)
+    args.tracer = tracer  # printed after the text
     result.metrics.extra["runtime"] = args.runtime
     result.metrics.extra["n_stages"] = pipe.n_stages
     return result
+
+
+def _make_strategy(args, config, prompt_ids, eos_ids):
+    """The strategy object for --strategy, with its draft source."""
+    from .strategies import NEEDS_DRAFT, PipelineStrategy, SpeculativeStrategy, TreeStrategy
+
+    if args.strategy not in NEEDS_DRAFT:
+        if args.draft or args.draft_model or args.tree_budget:
+            raise InputError(f"--draft/--draft-model/--tree-budget need a speculative --strategy, not {args.strategy}")
+        return PipelineStrategy()
+    n_draft, source = 4, args.draft_model
+    if args.draft is not None:
+        if args.draft.isdigit():
+            n_draft = int(args.draft)
+        elif source is None:
+            source = args.draft
+        else:
+            raise InputError("give the draft source once: --draft SOURCE or --draft-model SOURCE")
+    if not 0.0 <= args.p_accept <= 1.0:
+        raise InputError(f"--p-accept must be a probability, got {args.p_accept}")
+    draft = _make_draft(source, args.model, config, prompt_ids, args.max_new_tokens, eos_ids)
+    if args.strategy == "speculative":
+        return SpeculativeStrategy(draft, k=n_draft, min_confidence=args.p_accept)
+    try:
+        schedule = [int(w) for w in args.tree_schedule.split(",")]
+    except ValueError:
+        raise InputError(f"--tree-schedule must be comma-separated widths, got {args.tree_schedule!r}") from None
+    if any(w < 1 for w in schedule) or args.tree_budget is not None and args.tree_budget < 1:
+        raise InputError("tree widths and --tree-budget must be >= 1")
+    return TreeStrategy(draft, schedule=schedule, budget=args.tree_budget, min_confidence=args.p_accept)
+
+
+def _make_draft(source, target_dir, config, prompt_ids, max_new_tokens, eos_ids):
+    """A draft source from its command-line spelling (see --draft-model)."""
+    from .draft import DraftModel, NgramDraft, OracleDraft, check_compatible
+    from .model import load_stage
+    from .paths import DEFAULT_DRAFT, resolve_model
+
+    if source == "ngram":
+        return NgramDraft()
+    if source is not None and source.startswith("oracle"):
+        try:
+            p = float(source.split(":", 1)[1]) if ":" in source else 0.8
+        except ValueError:
+            raise InputError(f"oracle drafts are spelled oracle:P with P a probability, got {source!r}") from None
+        from .greedy import generate_greedy
+
+        truth = generate_greedy(load_stage(target_dir), prompt_ids, max_new_tokens, eos_ids).tokens
+        return OracleDraft(truth, p, config.vocab_size)
+    draft_dir = resolve_model(source, default=DEFAULT_DRAFT)
+    draft = load_stage(draft_dir)
+    check_compatible(target_dir, draft_dir, config.vocab_size, draft.config.vocab_size)
+    return DraftModel(draft)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

@@ -70,7 +70,7 @@ class GenerationMetrics:
                 "p95": round(float(np.percentile(gaps, 95)), 6) if gaps.size else None,
             },
         }
-        out.update(self.extra)
+        out.update({k: v.to_dict() if hasattr(v, "to_dict") else v for k, v in self.extra.items()})
         return out
 
     def summary(self) -> str:
@@ -84,3 +84,55 @@ class GenerationMetrics:
         if d["tokens_per_s"] is not None:
             parts.append(f"overall {d['tokens_per_s']:.1f} tok/s")
         return ", ".join(parts)
+
+
+@dataclass
+class SpeculationStats:
+    """Counters of speculative strategies (definitions shared by all of them).
+
+    * **drafted** — speculative tokens sent for verification (every node of a tree).
+    * **accepted** — drafted tokens the target confirmed (committed without a bonus).
+    * **acceptance rate** — accepted / drafted.
+    * **verifications** — runs whose results were checked against drafts.
+    * **mean accepted per verification** — accepted / verifications; each verification also
+      yields one bonus (correction) token, so tokens per verification = that + 1.
+    * **per-position acceptance** — for depth d = 1, 2, ...: among verifications that drafted
+      something at depth d, the fraction that accepted at least d tokens.
+    """
+
+    drafted: int = 0
+    accepted: int = 0
+    verifications: int = 0
+    drafted_at: list[int] = field(default_factory=list)  # [d-1]: verifications with a depth-d draft
+    accepted_at: list[int] = field(default_factory=list)  # [d-1]: verifications accepting >= d
+
+    def record(self, n_drafted: int, depth: int, n_accepted: int) -> None:
+        self.drafted += n_drafted
+        self.accepted += n_accepted
+        self.verifications += 1
+        while len(self.drafted_at) < depth:
+            self.drafted_at.append(0)
+            self.accepted_at.append(0)
+        for d in range(depth):
+            self.drafted_at[d] += 1
+            self.accepted_at[d] += d < n_accepted
+
+    def to_dict(self) -> dict:
+        v = max(1, self.verifications)
+        return {
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "acceptance_rate": round(self.accepted / self.drafted, 4) if self.drafted else None,
+            "verifications": self.verifications,
+            "mean_accepted_per_verification": round(self.accepted / v, 4),
+            "tokens_per_verification": round(self.accepted / v + 1, 4) if self.verifications else None,
+            "per_position_acceptance": [round(a / d, 4) if d else None
+                                        for a, d in zip(self.accepted_at, self.drafted_at)],
+        }
+
+    def summary(self) -> str:
+        d = self.to_dict()
+        if not self.drafted:
+            return "nothing drafted"
+        return (f"drafted {d['drafted']}, accepted {d['accepted']} ({d['acceptance_rate']:.0%}), "
+                f"{d['tokens_per_verification']:.2f} tokens per verification")

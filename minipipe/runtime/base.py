@@ -77,7 +77,10 @@ class Pipeline(ABC):
         """The oldest answer, waiting for it if needed."""
 
     def head_work(self, seconds: float) -> None:
-        """The head spent `seconds` on its own work (drafting); the local runtime's clock uses it."""
+        """The head spent `seconds` on its own work; the local runtime's clock uses it."""
+
+    def draft_work(self, n_tokens: int) -> None:
+        """The head's draft model computed `n_tokens` rows (the local runtime charges their cost)."""
 
     def now(self) -> float:
         """The head's clock (seconds; virtual in the local runtime)."""

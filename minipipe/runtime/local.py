@@ -132,6 +132,12 @@ class LocalPipeline(Pipeline):
         if self.cost is not None:
             self.clock += seconds
 
+    def draft_work(self, n_tokens: int) -> None:
+        if self.cost is not None and n_tokens:
+            self.clock += self.cost.draft_per_token * n_tokens
+            self.tracer.record("head", f"draft {n_tokens}", self.clock - self.cost.draft_per_token * n_tokens,
+                               self.clock, "draft")
+
     def now(self) -> float:
         return self.clock
 

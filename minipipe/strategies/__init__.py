@@ -2,7 +2,14 @@
 
 from .base import Strategy, generate, prefill_pipeline
 from .pipeline import PipelineStrategy
+from .speculative import SpeculativeStrategy, TreeStrategy
 
-STRATEGIES: dict[str, type[Strategy]] = {"pipeline": PipelineStrategy}
+STRATEGIES: dict[str, type[Strategy]] = {
+    "pipeline": PipelineStrategy,
+    "speculative": SpeculativeStrategy,
+    "tree": TreeStrategy,
+}
+NEEDS_DRAFT = {"speculative", "tree"}
 
-__all__ = ["Strategy", "generate", "prefill_pipeline", "PipelineStrategy", "STRATEGIES"]
+__all__ = ["Strategy", "generate", "prefill_pipeline", "PipelineStrategy", "SpeculativeStrategy", "TreeStrategy",
+           "STRATEGIES", "NEEDS_DRAFT"]

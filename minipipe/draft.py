@@ -1,0 +1,207 @@
+"""Draft sources: where speculative tokens come from.
+
+Every source answers one question — "after this context, which next tokens do you guess, and
+how sure are you?" — through `top(context, k)`: up to k (token, probability) guesses, best
+first. Chains and trees are built from that one call (`propose_chain` here, `tree.py` for trees).
+The context is always the full token list (prompt + committed + the speculative path so far).
+
+| source          | guesses from                                   | for                            |
+|-----------------|------------------------------------------------|--------------------------------|
+| `DraftModel`    | a small Llama sharing the target's vocabulary  | real speculation               |
+| `NgramDraft`    | the context itself (prompt lookup): what       | no second model; repetitive    |
+|                 | followed the last n tokens when they last      | text (code, chat, lists)       |
+|                 | occurred                                       |                                |
+| `OracleDraft`   | the target's true greedy continuation, right   | tests and benchmarks:          |
+|                 | with probability p per position, else wrong    | controlled acceptance          |
+
+A draft never affects which tokens are emitted (only the target's argmax is committed); it only
+decides how much speculative work is useful.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import numpy as np
+
+from . import kernels
+from .batch import Batch
+from .errors import InputError
+from .model import StageModel
+
+Guess = tuple[int, float]  # (token, the draft's probability for it)
+
+
+class DraftSource:
+    name = "?"
+
+    def reset(self, prompt: Sequence[int]) -> None:
+        """A new generation starts after `prompt`."""
+
+    def top(self, context: Sequence[int], k: int) -> list[Guess]:
+        """Up to k guesses for the token after `context`, most probable first."""
+        raise NotImplementedError
+
+    def propose_chain(self, context: Sequence[int], k: int, min_confidence: float = 0.0) -> list[Guess]:
+        """Greedily extend `context` by up to k tokens, stopping early when the draft's own
+        top probability falls below `min_confidence` (adaptive speculation length)."""
+        path: list[Guess] = []
+        context = list(context)
+        while len(path) < k:
+            guesses = self.top(context, 1)
+            if not guesses or guesses[0][1] < min_confidence:
+                break
+            path.append(guesses[0])
+            context.append(guesses[0][0])
+        return path
+
+    @property
+    def tokens_computed(self) -> int:
+        """Draft-model rows computed so far (the cost of drafting); 0 for model-free sources."""
+        return 0
+
+
+class DraftModel(DraftSource):
+    """A small Llama in the head process, with its own KV cache.
+
+    The cache holds one token list (`cached`, positions 0..n-1 in sequence 0). To answer for a
+    new context the model keeps the longest common prefix, drops the rest (`seq_rm`) and runs
+    only the new suffix — so extending a chain costs one row per token, and hopping between
+    tree branches costs the length of the branch suffix.
+    """
+
+    name = "draft-model"
+
+    def __init__(self, model: StageModel):
+        assert model.is_first and model.is_last, "a draft model holds all its layers"
+        self.model = model
+        self.cache = model.new_cache(capacity=256)
+        self.cached: list[int] = []
+        self.last_probs: np.ndarray | None = None  # [V] distribution after `cached`
+        self.n_rows = 0
+
+    @property
+    def tokens_computed(self) -> int:
+        return self.n_rows
+
+    def reset(self, prompt: Sequence[int]) -> None:
+        self.cache.clear()
+        self.cached, self.last_probs = [], None
+
+    def distribution(self, context: Sequence[int]) -> np.ndarray:
+        """The draft's next-token probabilities after `context`.  -> [V]"""
+        context = [int(t) for t in context]
+        if context == self.cached and self.last_probs is not None:
+            return self.last_probs
+        common = 0
+        for a, b in zip(self.cached, context):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(context) - 1)  # recompute at least the last token for its logits
+        self.cache.seq_rm(0, common)
+        new = context[common:]
+        prefill = len(new) > 8  # long suffixes (the prompt) take the batched path
+        logits = None
+        for start, end in kernels.prefill_chunks(len(new)) if prefill else [(0, len(new))]:
+            batch = Batch.chain(new[start:end], common + start, want_logits="last", prefill=prefill)
+            logits = self.model.forward(self.cache, batch)
+        self.n_rows += len(new)
+        self.cached = context
+        self.last_probs = kernels.softmax(logits[-1])
+        return self.last_probs
+
+    def top(self, context: Sequence[int], k: int) -> list[Guess]:
+        probs = self.distribution(context)
+        best = np.argsort(-probs, kind="stable")[:k]
+        return [(int(t), float(probs[t])) for t in best]
+
+
+class NgramDraft(DraftSource):
+    """Prompt lookup: the tokens that followed the most recent earlier occurrence of the
+    context's last n tokens (n from `max_n` down to `min_n`).
+
+    Example: context [1, 2, 3, 4, 2, 3], max_n = 3: [4, 2, 3] never occurred before; [2, 3]
+    occurred at index 1, followed by 4 — so the guess is 4 (then, chained, whatever followed).
+    Probability: the fraction of the matches of that n-gram that continue with the guess.
+    """
+
+    name = "ngram"
+
+    def __init__(self, max_n: int = 4, min_n: int = 1):
+        self.max_n, self.min_n = max_n, min_n
+
+    def top(self, context: Sequence[int], k: int) -> list[Guess]:
+        ctx = list(context)
+        for n in range(min(self.max_n, len(ctx) - 1), self.min_n - 1, -1):
+            key = ctx[-n:]
+            followers: dict[int, int] = {}
+            order: list[int] = []  # most recent occurrence first
+            for i in range(len(ctx) - n - 1, -1, -1):
+                if ctx[i: i + n] == key:
+                    nxt = ctx[i + n]
+                    if nxt not in followers:
+                        order.append(nxt)
+                    followers[nxt] = followers.get(nxt, 0) + 1
+            if followers:
+                total = sum(followers.values())
+                ranked = sorted(order, key=lambda t: -followers[t])  # stable: recency breaks ties
+                return [(t, followers[t] / total) for t in ranked[:k]]
+        return []
+
+
+class OracleDraft(DraftSource):
+    """Knows the target's greedy continuation; at each position its guess is right with
+    probability `p` (decided once per position, by a seeded coin), otherwise a wrong token.
+
+    `truth` is the greedy continuation after the prompt (e.g. from `generate_greedy`). Its
+    probability is reported as 1.0 (it never stops a chain early); alternatives ranked after
+    the first guess are distinct wrong tokens, except that a wrong first guess is followed by
+    the right token, so wider trees recover what a chain misses.
+    """
+
+    name = "oracle"
+
+    def __init__(self, truth: Sequence[int], p: float, vocab_size: int, seed: int = 0):
+        self.truth, self.p, self.vocab_size, self.seed = [int(t) for t in truth], p, vocab_size, seed
+        self.n_prompt = 0
+
+    def reset(self, prompt: Sequence[int]) -> None:
+        self.n_prompt = len(prompt)
+
+    def _coin(self, position: int, salt: int = 0) -> random.Random:
+        return random.Random(hash((self.seed, position, salt)) & 0xFFFFFFFF)
+
+    def top(self, context: Sequence[int], k: int) -> list[Guess]:
+        j = len(context) - self.n_prompt  # index into truth of the token to guess
+        on_track = 0 <= j < len(self.truth) and list(context[self.n_prompt:]) == self.truth[:j]
+        rng = self._coin(len(context))
+        right = self.truth[j] if 0 <= j < len(self.truth) else None
+        wrong = [t for t in rng.sample(range(self.vocab_size), min(self.vocab_size, k + 1)) if t != right]
+        if on_track and rng.random() < self.p:
+            guesses = [right] + wrong
+        elif on_track:
+            guesses = wrong[:1] + [right] + wrong[1:]
+        else:
+            guesses = wrong
+        return [(t, 1.0 if i == 0 else 0.5 ** i) for i, t in enumerate(guesses[:k])]
+
+
+def check_compatible(target_dir, draft_dir, target_vocab: int, draft_vocab: int) -> None:
+    """Refuse a draft whose tokenizer differs from the target's (tokens would mean other text)."""
+    from pathlib import Path
+
+    from .tokenizer import Tokenizer
+
+    if abs(target_vocab - draft_vocab) > 128:
+        raise InputError(f"the draft's vocabulary ({draft_vocab} tokens) does not match the target's "
+                         f"({target_vocab}); a draft must share the target's tokenizer")
+    t_path, d_path = Path(target_dir) / "tokenizer.json", Path(draft_dir) / "tokenizer.json"
+    if t_path.is_file() and d_path.is_file():
+        t_vocab = Tokenizer(target_dir)._tok.get_vocab(with_added_tokens=True)
+        d_vocab = Tokenizer(draft_dir)._tok.get_vocab(with_added_tokens=True)
+        if t_vocab != d_vocab:
+            differing = sorted(set(t_vocab.items()) ^ set(d_vocab.items()), key=lambda kv: kv[1])[:1]
+            raise InputError(f"the draft's tokenizer differs from the target's (e.g. {differing[0][0]!r}); "
+                             "a draft must share the target's tokenizer")
