@@ -195,6 +195,11 @@ class LocalPipeline(Pipeline):
             sent[i] = self.step(i)
         return sent
 
+    def drain(self) -> None:
+        """Let the stages finish everything sent so far (e.g. trailing KV edits)."""
+        while runnable := self._runnable():
+            self._step(self._next_stage(runnable))
+
     def step(self, i: int) -> list:
         """Stage i takes one step; returns the messages it sent (empty unless a message finished)."""
         return self._step(i)

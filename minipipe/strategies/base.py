@@ -58,6 +58,8 @@ def generate(strategy: Strategy, pipe: Pipeline, prompt: Sequence[int], max_new_
         if not sink.add([first]):
             strategy.decode(pipe, prompt, first, sink)
     result = sink.result()
+    if getattr(strategy, "stats", None) is not None:
+        result.metrics.extra["speculation"] = strategy.stats
     stats = pipe.stats()
     if stats:
         result.metrics.extra["stages"] = stats

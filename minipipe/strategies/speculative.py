@@ -45,7 +45,6 @@ class TreeVerification(Strategy):
 
     def decode(self, pipe: Pipeline, prompt: list[int], first_token: int, sink: TokenSink) -> None:
         self.draft.reset(prompt)
-        sink.metrics.extra["speculation"] = self.stats
         while not sink.done:
             root_pos = sink.next_position
             # never draft past the token budget or the model's context
