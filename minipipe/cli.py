@@ -17,7 +17,7 @@ import sys
 
 from .errors import InputError, MinipipeError
 
-STRATEGIES = ("greedy", "pipeline", "speculative", "tree")
+STRATEGIES = ("greedy", "pipeline", "speculative", "tree", "pipeinfer")
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--strategy", choices=STRATEGIES, default="greedy",
                      help="decoding strategy: greedy (single process, the oracle; default), pipeline "
                           "(plain pipeline parallelism over --stages processes), speculative (draft a chain, "
-                          "verify it in one pass), tree (SpecInfer: draft a token tree, verify it in one pass). "
+                          "verify it in one pass), tree (SpecInfer: draft a token tree, verify it in one pass), pipeinfer "
+                          "(asynchronous continuous speculation with early cancellation). "
                           "Every strategy emits exactly the greedy tokens")
     gen.add_argument("--stages", type=int, metavar="N",
                      help="pipeline stages, one OS process each (default: 2 for pipelined strategies)")
@@ -69,18 +70,31 @@ def build_parser() -> argparse.ArgumentParser:
                      help='print one JSON object {"tokens": [...], "text": ..., "metrics": {...}} instead of streaming')
     gen.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
 
-    spec = parser_group = gen.add_argument_group("speculation (speculative, tree)")
+    spec = parser_group = gen.add_argument_group("speculation (speculative, tree, pipeinfer)")
     spec.add_argument("--draft", metavar="N|SOURCE",
-                      help="a number: the most tokens drafted per verification (default 4); otherwise the "
-                           "draft source, as for --draft-model")
+                      help="a number: the most tokens drafted per verification or run (default 4; pipeinfer 16, "
+                           "as in the original, whose README suggests 3-8); otherwise the draft source, as for "
+                           "--draft-model")
     spec.add_argument("--draft-model", metavar="SOURCE",
                       help="where drafts come from: a checkpoint directory or model name sharing the target's "
                            "tokenizer (default: the shipped tinybard-draft), 'ngram' (prompt lookup, no model), "
                            "or 'oracle:P' (the target's own greedy tokens, each right with probability P: for "
                            "tests and benchmarks)")
-    spec.add_argument("--p-accept", type=float, default=0.0, metavar="P",
+    spec.add_argument("--p-accept", type=float, metavar="P",
                       help="stop drafting when the draft's own top probability falls below P (adaptive "
-                           "speculation length; llama.cpp's --draft-p-min). Default 0: always draft --draft tokens")
+                           "speculation length; llama.cpp's --draft-p-min). Default 0 (always draft --draft "
+                           "tokens); pipeinfer 0.5. Lower drafts more, wasting more work on rejections")
+    spec.add_argument("--p-split", type=float, default=0.1, metavar="P",
+                      help="pipeinfer: an alternative above P opens a new branch, up to --branches (default 0.1)")
+    spec.add_argument("--p-recovery", type=float, default=0.0, metavar="P",
+                      help="pipeinfer: raise the cutoff by P per run launched in one burst, so long-diverged "
+                           "speculation stops (default 0)")
+    spec.add_argument("--p-decay", type=float, default=0.0, metavar="P",
+                      help="pipeinfer: lower the cutoff by P per empty drafting attempt, to fill idle time (default 0)")
+    spec.add_argument("--branches", type=int, default=1, metavar="N",
+                      help="pipeinfer: most branches per speculative run (default 1; the original suggests 3-4 at most)")
+    spec.add_argument("--max-inflight", type=int, default=16, metavar="N",
+                      help="pipeinfer: most runs in flight at once (default 16)")
     spec.add_argument("--tree-schedule", metavar="K1,K2,...", default="1,1,3,1,1,1,1,1",
                       help="tree: children per leaf at each depth (default SpecInfer's 1,1,3,1,1,1,1,1)")
     spec.add_argument("--tree-budget", type=int, metavar="N",
@@ -214,13 +228,13 @@ def _run_strategy(args, config, prompt_ids, eos_ids, on_token, show_progress):
 
 def _make_strategy(args, config, prompt_ids, eos_ids):
     """The strategy object for --strategy, with its draft source."""
-    from .strategies import NEEDS_DRAFT, PipelineStrategy, SpeculativeStrategy, TreeStrategy
+    from .strategies import NEEDS_DRAFT, PipeInferStrategy, PipelineStrategy, SpeculativeStrategy, TreeStrategy
 
     if args.strategy not in NEEDS_DRAFT:
         if args.draft or args.draft_model or args.tree_budget:
             raise InputError(f"--draft/--draft-model/--tree-budget need a speculative --strategy, not {args.strategy}")
         return PipelineStrategy()
-    n_draft, source = 4, args.draft_model
+    n_draft, source = (16 if args.strategy == "pipeinfer" else 4), args.draft_model
     if args.draft is not None:
         if args.draft.isdigit():
             n_draft = int(args.draft)
@@ -228,18 +242,27 @@ def _make_strategy(args, config, prompt_ids, eos_ids):
             source = args.draft
         else:
             raise InputError("give the draft source once: --draft SOURCE or --draft-model SOURCE")
-    if not 0.0 <= args.p_accept <= 1.0:
-        raise InputError(f"--p-accept must be a probability, got {args.p_accept}")
+    p_accept = args.p_accept if args.p_accept is not None else (0.5 if args.strategy == "pipeinfer" else 0.0)
+    for flag, value in (("--p-accept", p_accept), ("--p-split", args.p_split), ("--p-recovery", args.p_recovery),
+                        ("--p-decay", args.p_decay)):
+        if not 0.0 <= value <= 1.0:
+            raise InputError(f"{flag} must be between 0 and 1, got {value}")
+    if n_draft < 1 or args.branches < 1 or args.max_inflight < 1:
+        raise InputError("--draft, --branches and --max-inflight must be >= 1")
     draft = _make_draft(source, args.model, config, prompt_ids, args.max_new_tokens, eos_ids)
     if args.strategy == "speculative":
-        return SpeculativeStrategy(draft, k=n_draft, min_confidence=args.p_accept)
+        return SpeculativeStrategy(draft, k=n_draft, min_confidence=p_accept)
+    if args.strategy == "pipeinfer":
+        return PipeInferStrategy(draft, p_accept=p_accept, p_split=args.p_split, p_recovery=args.p_recovery,
+                                 p_decay=args.p_decay, n_draft=n_draft, branches=args.branches,
+                                 max_inflight=args.max_inflight)
     try:
         schedule = [int(w) for w in args.tree_schedule.split(",")]
     except ValueError:
         raise InputError(f"--tree-schedule must be comma-separated widths, got {args.tree_schedule!r}") from None
     if any(w < 1 for w in schedule) or args.tree_budget is not None and args.tree_budget < 1:
         raise InputError("tree widths and --tree-budget must be >= 1")
-    return TreeStrategy(draft, schedule=schedule, budget=args.tree_budget, min_confidence=args.p_accept)
+    return TreeStrategy(draft, schedule=schedule, budget=args.tree_budget, min_confidence=p_accept)
 
 
 def _make_draft(source, target_dir, config, prompt_ids, max_new_tokens, eos_ids):

@@ -123,13 +123,32 @@ class TokenTree:
                 seqs[i].add(first_seq + b)
         return {i: tuple(sorted(s)) for i, s in seqs.items()}
 
-    def batch(self, root_pos: int, first_seq: int) -> Batch:
-        """Flatten into one verification batch (node order = row order)."""
+    def batch(self, root_pos: int, first_seq: int, include_root: bool = True) -> Batch:
+        """Flatten into one verification batch (node order = row order).
+
+        Without the root (PipeInfer's runs, whose root's K/V another run computes), row i is
+        node i + 1.
+        """
         seqs = self.branch_seqs(first_seq)
-        n = len(self.nodes)
-        return Batch(tokens=np.array([nd.token for nd in self.nodes], dtype=np.int64),
-                     positions=np.array([root_pos + nd.depth for nd in self.nodes], dtype=np.int64),
-                     seq_ids=tuple(seqs[i] for i in range(n)), want_logits=np.ones(n, dtype=bool))
+        nodes = range(0 if include_root else 1, len(self.nodes))
+        return Batch(tokens=np.array([self.nodes[i].token for i in nodes], dtype=np.int64),
+                     positions=np.array([root_pos + self.nodes[i].depth for i in nodes], dtype=np.int64),
+                     seq_ids=tuple(seqs[i] for i in nodes), want_logits=np.ones(len(nodes), dtype=bool))
+
+    def first_branch(self) -> list[int]:
+        """Branch 0: from the root, always the first child, down to a leaf (node indices)."""
+        path, node = [], 0
+        while self.nodes[node].children:
+            node = self.nodes[node].children[0]
+            path.append(node)
+        return path
+
+    def match(self, node: int, token: int) -> int | None:
+        """The child of `node` carrying `token`, if any."""
+        for c in self.nodes[node].children:
+            if self.nodes[c].token == token:
+                return c
+        return None
 
     def attention_mask(self) -> np.ndarray:
         """mask[i, j]: node i attends to node j (j is i or an ancestor of i).  -> [n, n] bool"""
@@ -150,10 +169,10 @@ class TokenTree:
         while True:
             choice = int(target_tokens[node])
             committed.append(choice)
-            match = [c for c in self.nodes[node].children if self.nodes[c].token == choice]
-            if not match:
+            child = self.match(node, choice)
+            if child is None:
                 return accepted, committed
-            node = match[0]
+            node = child
             accepted.append(node)
 
     def leaf_below(self, node: int) -> int:

@@ -88,6 +88,12 @@ class Pipeline(ABC):
 
         return time.perf_counter()
 
+    def mark(self, name: str, kind: str, run_id: int | None = None) -> None:
+        """Record an instant on the head's trace track (commits, launches, verifications)."""
+        tracer = getattr(self, "tracer", None)
+        if tracer is not None:
+            tracer.instant("head", name, self.now(), kind, run_id)
+
     def stats(self) -> dict:
         """Per-stage counters (runs, layers computed and skipped, KV edits)."""
         return {}

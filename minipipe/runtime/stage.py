@@ -38,6 +38,7 @@ class StageStats:
     layers_computed: int = 0  # stage-layers computed (one run through one layer = 1)
     layers_skipped: int = 0  # stage-layers saved by cancellation
     runs_cancelled: int = 0  # runs this stage stopped or skipped
+    cancelled_mid_run: int = 0  # of those, stopped between layers (after computing some)
     kv_edits: int = 0
     last_step: dict = field(default_factory=dict)  # what the latest step did (for runtimes' traces)
 
@@ -77,6 +78,7 @@ class Stage:
         state = model.start(self.cache, run.batch, run.hidden)
         while True:
             if self.cancels.is_cancelled(run.run_id):
+                self.stats.cancelled_mid_run += state.layer > 0
                 return self._cancel(run, state.n_layers - state.layer)
             model.run_layer(state)
             self.stats.layers_computed += 1

@@ -1,6 +1,7 @@
 """Decoding strategies (schedulers). Each one emits exactly the tokens of greedy decoding."""
 
 from .base import Strategy, generate, prefill_pipeline
+from .pipeinfer import PipeInferStrategy
 from .pipeline import PipelineStrategy
 from .speculative import SpeculativeStrategy, TreeStrategy
 
@@ -8,8 +9,9 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "pipeline": PipelineStrategy,
     "speculative": SpeculativeStrategy,
     "tree": TreeStrategy,
+    "pipeinfer": PipeInferStrategy,
 }
-NEEDS_DRAFT = {"speculative", "tree"}
+NEEDS_DRAFT = {"speculative", "tree", "pipeinfer"}
 
 __all__ = ["Strategy", "generate", "prefill_pipeline", "PipelineStrategy", "SpeculativeStrategy", "TreeStrategy",
-           "STRATEGIES", "NEEDS_DRAFT"]
+           "PipeInferStrategy", "STRATEGIES", "NEEDS_DRAFT"]
