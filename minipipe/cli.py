@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
 
     spec = parser_group = gen.add_argument_group("speculation (speculative, tree, pipeinfer)")
-    spec.add_argument("--draft", metavar="N|SOURCE",
-                      help="a number: the most tokens drafted per verification or run (default 4; pipeinfer 16, "
+    spec.add_argument("--draft", metavar="N|SOURCE", action="append",
+                      help="may be given twice. A number: the most tokens drafted per verification or run (default 4; pipeinfer 16, "
                            "as in the original, whose README suggests 3-8); otherwise the draft source, as for "
                            "--draft-model")
     spec.add_argument("--draft-model", metavar="SOURCE",
@@ -235,11 +235,11 @@ def _make_strategy(args, config, prompt_ids, eos_ids):
             raise InputError(f"--draft/--draft-model/--tree-budget need a speculative --strategy, not {args.strategy}")
         return PipelineStrategy()
     n_draft, source = (16 if args.strategy == "pipeinfer" else 4), args.draft_model
-    if args.draft is not None:
-        if args.draft.isdigit():
-            n_draft = int(args.draft)
+    for value in args.draft or []:
+        if value.isdigit():
+            n_draft = int(value)
         elif source is None:
-            source = args.draft
+            source = value
         else:
             raise InputError("give the draft source once: --draft SOURCE or --draft-model SOURCE")
     p_accept = args.p_accept if args.p_accept is not None else (0.5 if args.strategy == "pipeinfer" else 0.0)
