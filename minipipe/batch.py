@@ -24,12 +24,22 @@ class Batch:
     seq_ids: tuple[tuple[int, ...], ...]  # per row: the sequence ids the row belongs to
     want_logits: np.ndarray  # [T] bool  rows whose logits the last stage returns
     prefill: bool = False  # True for a prompt chunk (GEMM kernels)
+    row_ids: np.ndarray | None = None  # [T] int64  optional names for the rows (SpecPipe's tree nodes):
+    #                                    a stage drops rows whose id is marked cancelled, and results
+    #                                    say which rows they answer
 
     def __post_init__(self) -> None:
         T = self.tokens.shape[0]
         assert self.tokens.shape == self.positions.shape == self.want_logits.shape == (T,), (
             f"{self.tokens.shape=} {self.positions.shape=} {self.want_logits.shape=}")
         assert len(self.seq_ids) == T, f"{len(self.seq_ids)=} != {T=}"
+        assert self.row_ids is None or self.row_ids.shape == (T,), f"{self.row_ids.shape=}"
+
+    def select(self, keep: np.ndarray) -> "Batch":
+        """The rows where `keep` is True (a boolean mask over rows)."""
+        return Batch(tokens=self.tokens[keep], positions=self.positions[keep],
+                     seq_ids=tuple(s for s, k in zip(self.seq_ids, keep) if k), want_logits=self.want_logits[keep],
+                     prefill=self.prefill, row_ids=None if self.row_ids is None else self.row_ids[keep])
 
     @property
     def n_rows(self) -> int:

@@ -22,7 +22,9 @@ def runs(draw):
     batch = Batch(tokens=np.array(draw(st.lists(st.integers(0, 50000), min_size=T, max_size=T)), dtype=np.int64),
                   positions=np.array(draw(st.lists(st.integers(0, 4096), min_size=T, max_size=T)), dtype=np.int64),
                   seq_ids=seq_ids, want_logits=np.array(draw(st.lists(st.booleans(), min_size=T, max_size=T))),
-                  prefill=draw(st.booleans()))
+                  prefill=draw(st.booleans()),
+                  row_ids=np.array(draw(st.lists(ints, min_size=T, max_size=T)), dtype=np.int64)
+                  if draw(st.booleans()) else None)
     hidden = None
     if draw(st.booleans()):
         hidden = np.random.default_rng(draw(ints)).standard_normal((T, draw(st.integers(1, 9)))).astype(np.float32)
@@ -33,8 +35,9 @@ def runs(draw):
 def results(draw):
     n = draw(st.integers(0, 5))
     logits = np.random.default_rng(n).standard_normal((n, 7)).astype(np.float32) if draw(st.booleans()) else None
+    row_ids = np.array(draw(st.lists(ints, min_size=n, max_size=n)), dtype=np.int64) if draw(st.booleans()) else None
     return Result(draw(ints), np.array(draw(st.lists(st.integers(0, 50000), min_size=n, max_size=n)), dtype=np.int64),
-                  logits)
+                  logits, row_ids)
 
 
 messages = st.one_of(
@@ -60,7 +63,9 @@ def same(a, b) -> bool:
         vb = getattr(b, k)
         if isinstance(va, Batch):
             if not (all(np.array_equal(getattr(va, f), getattr(vb, f)) for f in ("tokens", "positions", "want_logits"))
-                    and va.seq_ids == vb.seq_ids and va.prefill == vb.prefill):
+                    and va.seq_ids == vb.seq_ids and va.prefill == vb.prefill
+                    and (va.row_ids is None) == (vb.row_ids is None)
+                    and (va.row_ids is None or np.array_equal(va.row_ids, vb.row_ids))):
                 return False
         elif isinstance(va, np.ndarray) or isinstance(vb, np.ndarray):
             if va is None or vb is None or not np.array_equal(va, vb):

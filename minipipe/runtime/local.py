@@ -226,7 +226,7 @@ class LocalPipeline(Pipeline):
         except StopIteration as done:  # finished (its last layer, if any, computed in this step)
             outputs = done.value
         layers = stage.stats.layers_computed - computed_before
-        end = job.t + self._step_cost(job.msg, layers, outputs)
+        end = job.t + self._step_cost(job.msg, layers, outputs, stage.rows_in_progress)
         if layers:
             self.tracer.record(track, f"layer {stage.model.lo + job.layers_done}", job.t, end, "layer", run_id,
                                rows=job.msg.batch.n_rows)
@@ -244,10 +244,10 @@ class LocalPipeline(Pipeline):
                 self.head_inbox.append((arrival, out))
         return outputs
 
-    def _step_cost(self, msg, layers: int, outputs) -> float:
+    def _step_cost(self, msg, layers: int, outputs, rows: int) -> float:
         if self.cost is None:
             return 1  # chooser mode: time counts steps
-        cost = self.cost.layer(msg.batch.n_rows, msg.batch.prefill) * layers if layers else 0.0
+        cost = self.cost.layer(rows, msg.batch.prefill) * layers if layers else 0.0
         if isinstance(msg, (KVRemove, KVCopy)):
             cost += self.cost.kv_edit
         elif outputs and isinstance(outputs[0], Result):

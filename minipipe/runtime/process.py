@@ -240,7 +240,8 @@ class ProcessPipeline(Pipeline):
         try:
             msg = decode(payload)
             if isinstance(msg, Result):  # copy: the ring will reuse these bytes
-                msg = Result(msg.run_id, msg.tokens.copy(), None if msg.logits is None else msg.logits.copy())
+                msg = Result(msg.run_id, msg.tokens.copy(), None if msg.logits is None else msg.logits.copy(),
+                             None if msg.row_ids is None else msg.row_ids.copy())
         finally:
             self.rings[-1].consume()
         if isinstance(msg, StageFailed):

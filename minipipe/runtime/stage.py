@@ -27,6 +27,8 @@ from __future__ import annotations
 from collections.abc import Generator
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .. import kernels
 from ..model import StageModel
 from ..transport.messages import Cancelled, KVCopy, KVRemove, Message, Result, Run
@@ -40,6 +42,7 @@ class StageStats:
     runs_cancelled: int = 0  # runs this stage stopped or skipped
     cancelled_mid_run: int = 0  # of those, stopped between layers (after computing some)
     kv_edits: int = 0
+    rows_pruned: int = 0  # rows dropped because their row id was marked (SpecPipe pruning)
     last_step: dict = field(default_factory=dict)  # what the latest step did (for runtimes' traces)
 
 
@@ -50,6 +53,7 @@ class Stage:
         self.cache = model.new_cache(n_seqs=n_seqs, capacity=cache_cells)
         self.n_layers = model.hi - model.lo
         self.stats = StageStats()
+        self.rows_in_progress = 0  # rows of the run being computed (after pruned rows are dropped)
 
     @property
     def is_last(self) -> bool:
@@ -75,7 +79,11 @@ class Stage:
         model = self.model
         if self.cancels.is_cancelled(run.run_id):
             return self._cancel(run, self.n_layers)
-        state = model.start(self.cache, run.batch, run.hidden)
+        batch, hidden = self._drop_pruned_rows(run.batch, run.hidden)
+        if batch.n_rows == 0:  # every row was pruned: nothing to compute
+            return self._cancel(run, self.n_layers)
+        self.rows_in_progress = batch.n_rows
+        state = model.start(self.cache, batch, hidden)
         while True:
             if self.cancels.is_cancelled(run.run_id):
                 self.stats.cancelled_mid_run += state.layer > 0
@@ -87,10 +95,28 @@ class Stage:
             yield  # between layers
         out = model.finish(state)
         self.stats.runs += 1
+        # rows pruned while this stage computed them are not forwarded (SpecPipe's pruning)
+        batch, out = self._drop_pruned_rows(batch, out, rows_of_out=batch.want_logits if self.is_last else None)
+        if batch.n_rows == 0:
+            return self._cancel(run, 0)
         if not self.is_last:
-            return [Run(run.run_id, run.batch, out, run.return_logits, run.speculative)]
+            return [Run(run.run_id, batch, out, run.return_logits, run.speculative)]
         tokens = kernels.argmax_rows(out)  # [T'] greedy choice per wanted row
-        return [Result(run.run_id, tokens, out if run.return_logits else None)]
+        row_ids = None if batch.row_ids is None else batch.row_ids[batch.want_logits]
+        return [Result(run.run_id, tokens, out if run.return_logits else None, row_ids)]
+
+    def _drop_pruned_rows(self, batch, values, rows_of_out=None):
+        """Remove rows whose row id is marked cancelled; `values` has one row per batch row
+        (or, with `rows_of_out`, one per row where that mask is True)."""
+        if batch.row_ids is None:
+            return batch, values
+        keep = np.array([not self.cancels.is_cancelled(int(r)) for r in batch.row_ids], dtype=bool)
+        if keep.all():
+            return batch, values
+        if values is not None:
+            values = values[keep[rows_of_out]] if rows_of_out is not None else values[keep]
+        self.stats.rows_pruned += int((~keep).sum())
+        return batch.select(keep), values
 
     def _cancel(self, run: Run, layers_left: int) -> list[Message]:
         self.stats.layers_skipped += layers_left

@@ -3,6 +3,7 @@
 from .base import Strategy, generate, prefill_pipeline
 from .pipeinfer import PipeInferStrategy
 from .pipeline import PipelineStrategy
+from .specpipe import SpecPipeStrategy
 from .speculative import SpeculativeStrategy, TreeStrategy
 
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -10,8 +11,9 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "speculative": SpeculativeStrategy,
     "tree": TreeStrategy,
     "pipeinfer": PipeInferStrategy,
+    "specpipe": SpecPipeStrategy,
 }
-NEEDS_DRAFT = {"speculative", "tree", "pipeinfer"}
+NEEDS_DRAFT = {"speculative", "tree", "pipeinfer", "specpipe"}
 
 __all__ = ["Strategy", "generate", "prefill_pipeline", "PipelineStrategy", "SpeculativeStrategy", "TreeStrategy",
-           "PipeInferStrategy", "STRATEGIES", "NEEDS_DRAFT"]
+           "PipeInferStrategy", "SpecPipeStrategy", "STRATEGIES", "NEEDS_DRAFT"]

@@ -21,8 +21,8 @@ Byte format: a 64-byte header, then the kind's arrays, each padded to 8 bytes:
     header: magic u16 | kind u16 | flags u32 | run_id i64 | n_rows u32 | width u32 |
             n_seq_ids u32 | n_bytes u32 | args i64[4] | (padding to 64)
     Run:    tokens i64[T] | positions i64[T] | want_logits u8[T] | seq counts i32[T] |
-            seq ids i32[n_seq_ids] | hidden f32[T, width] (flag HIDDEN)
-    Result: tokens i64[T] | logits f32[T, width] (flag LOGITS)
+            seq ids i32[n_seq_ids] | row ids i64[T] (flag ROW_IDS) | hidden f32[T, width] (flag HIDDEN)
+    Result: tokens i64[T] | row ids i64[T] (flag ROW_IDS) | logits f32[T, width] (flag LOGITS)
     others: args in the header; text (UTF-8, n_bytes) for StageFailed and TraceEvents
 
 Decoding reads arrays in place (zero-copy views of the ring's memory), so a reader must finish
@@ -48,7 +48,7 @@ assert HEADER.itemsize <= HEADER_BYTES
 # kinds
 RUN, RESULT, CANCELLED, KV_REMOVE, KV_COPY, READY, STAGE_FAILED, SHUTDOWN, TRACE = range(1, 10)
 # flags
-F_HIDDEN, F_LOGITS, F_PREFILL, F_RETURN_LOGITS, F_SPECULATIVE = 1, 2, 4, 8, 16
+F_HIDDEN, F_LOGITS, F_PREFILL, F_RETURN_LOGITS, F_SPECULATIVE, F_ROW_IDS = 1, 2, 4, 8, 16, 32
 NONE = -1  # "no value" in the header's integer args (e.g. p1 = infinity)
 
 
@@ -70,6 +70,7 @@ class Result:
     run_id: int
     tokens: np.ndarray  # [T'] greedy token (argmax) of each wanted row, in row order
     logits: np.ndarray | None = None  # [T', V] when the run asked for them
+    row_ids: np.ndarray | None = None  # [T'] ids of those rows, when the run named its rows
 
 
 @dataclass
@@ -150,17 +151,24 @@ def encode(msg: Message) -> list:
         flat = np.array([s for seqs in b.seq_ids for s in seqs], dtype=np.int32)
         h["kind"], h["run_id"], h["n_rows"], h["n_seq_ids"] = RUN, msg.run_id, T, flat.shape[0]
         h["flags"] = ((F_HIDDEN if msg.hidden is not None else 0) | (F_PREFILL if b.prefill else 0)
-                      | (F_RETURN_LOGITS if msg.return_logits else 0) | (F_SPECULATIVE if msg.speculative else 0))
+                      | (F_RETURN_LOGITS if msg.return_logits else 0) | (F_SPECULATIVE if msg.speculative else 0)
+                      | (F_ROW_IDS if b.row_ids is not None else 0))
         body += _bytes(b.tokens.astype(np.int64)) + _bytes(b.positions.astype(np.int64))
         body += _bytes(b.want_logits.astype(np.uint8)) + _bytes(counts) + _bytes(flat)
+        if b.row_ids is not None:
+            body += _bytes(b.row_ids.astype(np.int64))
         if msg.hidden is not None:
             h["width"] = msg.hidden.shape[1]
             body += _bytes(msg.hidden.astype(np.float32, copy=False))
     elif isinstance(msg, Result):
         h["kind"], h["run_id"], h["n_rows"] = RESULT, msg.run_id, msg.tokens.shape[0]
         body += _bytes(msg.tokens.astype(np.int64))
+        if msg.row_ids is not None:
+            h["flags"] |= F_ROW_IDS
+            body += _bytes(msg.row_ids.astype(np.int64))
         if msg.logits is not None:
-            h["flags"], h["width"] = F_LOGITS, msg.logits.shape[1]
+            h["flags"] |= F_LOGITS
+            h["width"] = msg.logits.shape[1]
             body += _bytes(msg.logits.astype(np.float32, copy=False))
     elif isinstance(msg, Cancelled):
         h["kind"], h["run_id"], h["args"][0] = CANCELLED, msg.run_id, msg.layers_skipped
@@ -221,16 +229,18 @@ def decode(payload: memoryview) -> Message:
         flat = r.array(np.int32, int(h["n_seq_ids"]))
         if counts.sum() != flat.shape[0] or (counts < 1).any():
             raise CorruptMessage("sequence-id counts do not match the ids")
+        row_ids = r.array(np.int64, T) if flags & F_ROW_IDS else None
         bounds = np.concatenate([[0], np.cumsum(counts)])
         seq_ids = tuple(tuple(int(s) for s in flat[bounds[i]: bounds[i + 1]]) for i in range(T))
         hidden = r.array(np.float32, T * width, (T, width)) if flags & F_HIDDEN else None
         batch = Batch(tokens=tokens, positions=positions, seq_ids=seq_ids, want_logits=want,
-                      prefill=bool(flags & F_PREFILL))
+                      prefill=bool(flags & F_PREFILL), row_ids=row_ids)
         return Run(run_id, batch, hidden, bool(flags & F_RETURN_LOGITS), bool(flags & F_SPECULATIVE))
     if kind == RESULT:
         tokens = r.array(np.int64, T)
+        row_ids = r.array(np.int64, T) if flags & F_ROW_IDS else None
         logits = r.array(np.float32, T * width, (T, width)) if flags & F_LOGITS else None
-        return Result(run_id, tokens, logits)
+        return Result(run_id, tokens, logits, row_ids)
     if kind == CANCELLED:
         return Cancelled(run_id, args[0])
     if kind == KV_REMOVE:

@@ -1,0 +1,105 @@
+"""SpecPipe emits exactly the greedy tokens under any interleaving, draft, width and stage count;
+pruned rows are dropped by the stages and every cell of the tree is freed again."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from hypothesis import event, given, strategies as st
+
+from minipipe.draft import DraftModel, NgramDraft, OracleDraft
+from minipipe.greedy import generate_greedy
+from minipipe.runtime import LocalPipeline, RandomChooser, open_pipeline, split_layers
+from minipipe.strategies import SpecPipeStrategy, generate
+from minipipe.synthetic import make_random_checkpoint, random_model
+
+from .conftest import shared_model
+from .test_runtime import DrawChooser, assert_no_leaks
+
+TARGET = dict(dim=32, ffn_dim=48, n_layers=8, n_heads=4, n_kv_heads=2, vocab_size=23, max_positions=96)
+DRAFT = dict(dim=16, ffn_dim=24, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=23, max_positions=96)
+
+
+@lru_cache(maxsize=None)
+def stage_models(seed: int, n_stages: int):
+    return [random_model(seed=seed, lo=lo, hi=hi, **TARGET) for lo, hi in split_layers(8, n_stages)]
+
+
+@lru_cache(maxsize=None)
+def truth(seed: int, prompt: tuple[int, ...], n: int) -> list[int]:
+    return generate_greedy(random_model(seed=seed, **TARGET), list(prompt), n).tokens
+
+
+def make_draft(kind: str, seed: int, prompt, n: int):
+    if kind == "model":
+        return DraftModel(random_model(seed=300 + seed, **DRAFT))
+    if kind == "ngram":
+        return NgramDraft()
+    p = {"never": 0.0, "always": 1.0, "half": 0.5, "mostly": 0.85}[kind]
+    return OracleDraft(truth(seed, prompt, n) + [0] * 30, p, TARGET["vocab_size"], seed=seed)
+
+
+@given(data=st.data())
+def test_specpipe_equals_greedy_under_any_interleaving(data):
+    seed = data.draw(st.integers(0, 2), label="seed")
+    n_stages = data.draw(st.integers(1, 8), label="stages")
+    prompt = tuple(data.draw(st.lists(st.integers(0, 22), min_size=1, max_size=8), label="prompt"))
+    n = data.draw(st.integers(1, 24), label="tokens")
+    kind = data.draw(st.sampled_from(["model", "ngram", "never", "always", "half", "mostly"]), label="draft")
+    strategy = SpecPipeStrategy(make_draft(kind, seed, prompt, n), width=data.draw(st.integers(1, 4), label="width"),
+                                max_nodes=data.draw(st.sampled_from([16, 64]), label="max nodes"))
+    chooser = DrawChooser(data) if data.draw(st.booleans(), label="chooser") else None
+    pipe = LocalPipeline(stage_models(seed, n_stages), n_seqs=strategy.n_seqs, chooser=chooser)
+    got = generate(strategy, pipe, prompt, n, max_positions=TARGET["max_positions"])
+    assert got.tokens == truth(seed, prompt, n)
+    if strategy.stats.rows_dropped:
+        event("pruned rows were dropped by a stage")
+    if strategy.stats.misses:
+        event("a miss refilled the pipeline")
+    pipe.drain()
+    for stage in pipe.stages:  # the last tree's nodes may still hold cells; nothing else may
+        held = {s for _, _, seqs in stage.cache.cells() for s in seqs}
+        assert held - {0} <= set(range(1, strategy.n_seqs)) - set(strategy.free_seqs)
+
+
+def test_pruning_drops_rows_and_saves_work():
+    dropped = computed = 0
+    for seed in range(6):
+        prompt = (seed, 4, 2)
+        strategy = SpecPipeStrategy(make_draft("half", 0, prompt, 24), width=3)
+        pipe = LocalPipeline(stage_models(0, 4), n_seqs=strategy.n_seqs, chooser=RandomChooser(seed))
+        assert generate(strategy, pipe, prompt, 24, max_positions=96).tokens == truth(0, prompt, 24)
+        dropped += strategy.stats.rows_dropped
+        computed += sum(s.stats.layers_computed for s in pipe.stages)
+        assert strategy.stats.hits and strategy.stats.pruned
+    assert dropped > 0
+
+
+def test_specpipe_in_processes_and_on_the_clock(tmp_path):
+    prompt = (3, 1, 4)
+    for width in (1, 3):
+        strategy = SpecPipeStrategy(make_draft("mostly", 1, prompt, 30), width=width)
+        pipe = LocalPipeline(stage_models(1, 8), n_seqs=strategy.n_seqs)
+        assert generate(strategy, pipe, prompt, 30, max_positions=96).tokens == truth(1, prompt, 30)
+    d = make_random_checkpoint(tmp_path / "t", seed=1, **TARGET)
+    for n_stages in (2, 4):
+        strategy = SpecPipeStrategy(make_draft("mostly", 1, prompt, 30), width=2)
+        with open_pipeline(d, "process", n_stages, n_seqs=strategy.n_seqs) as pipe:
+            assert generate(strategy, pipe, prompt, 30, max_positions=96).tokens == truth(1, prompt, 30)
+    assert_no_leaks()
+
+
+def test_specpipe_on_stories260k_with_its_weak_draft():
+    target_dir, draft_dir = shared_model("stories260k"), shared_model("stories260k-draft")
+    from minipipe.model import load_stage
+
+    prompt = [1, 403, 407, 261, 378]
+    expected = generate_greedy(load_stage(target_dir), prompt, 60, (2,)).tokens
+    draft = load_stage(draft_dir)
+    for runtime, n_stages, width in (("local", 5, 3), ("process", 2, 2), ("process", 3, 1)):
+        strategy = SpecPipeStrategy(DraftModel(draft), width=width)
+        with open_pipeline(target_dir, runtime, n_stages, n_seqs=strategy.n_seqs) as pipe:
+            got = generate(strategy, pipe, prompt, 60, (2,), 512)
+        assert got.tokens == expected, (runtime, n_stages, width)
+        assert strategy.stats.hits and strategy.stats.misses  # the weak draft both hits and misses
+    assert_no_leaks()
