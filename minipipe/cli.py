@@ -17,7 +17,7 @@ import sys
 
 from .errors import InputError, MinipipeError
 
-STRATEGIES = ("greedy", "pipeline", "speculative", "tree", "pipeinfer")
+STRATEGIES = ("greedy", "pipeline", "speculative", "tree", "pipeinfer", "specpipe")
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="decoding strategy: greedy (single process, the oracle; default), pipeline "
                           "(plain pipeline parallelism over --stages processes), speculative (draft a chain, "
                           "verify it in one pass), tree (SpecInfer: draft a token tree, verify it in one pass), pipeinfer "
-                          "(asynchronous continuous speculation with early cancellation). "
+                          "(asynchronous continuous speculation with early cancellation), specpipe (a token tree that "
+                          "fills the pipeline one layer per step, with pruning). "
                           "Every strategy emits exactly the greedy tokens")
     gen.add_argument("--stages", type=int, metavar="N",
                      help="pipeline stages, one OS process each (default: 2 for pipelined strategies)")
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help='print one JSON object {"tokens": [...], "text": ..., "metrics": {...}} instead of streaming')
     gen.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
 
-    spec = parser_group = gen.add_argument_group("speculation (speculative, tree, pipeinfer)")
+    spec = parser_group = gen.add_argument_group("speculation (speculative, tree, pipeinfer, specpipe)")
     spec.add_argument("--draft", metavar="N|SOURCE", action="append",
                       help="may be given twice. A number: the most tokens drafted per verification or run (default 4; pipeinfer 16, "
                            "as in the original, whose README suggests 3-8); otherwise the draft source, as for "
@@ -95,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="pipeinfer: most branches per speculative run (default 1; the original suggests 3-4 at most)")
     spec.add_argument("--max-inflight", type=int, default=16, metavar="N",
                       help="pipeinfer: most runs in flight at once (default 16)")
+    spec.add_argument("--width", type=int, default=4, metavar="W",
+                      help="specpipe: nodes per new tree layer, the width budget (default 4). Wider trees hit "
+                           "more often but cost more rows per step")
     spec.add_argument("--tree-schedule", metavar="K1,K2,...", default="1,1,3,1,1,1,1,1",
                       help="tree: children per leaf at each depth (default SpecInfer's 1,1,3,1,1,1,1,1)")
     spec.add_argument("--tree-budget", type=int, metavar="N",
@@ -228,7 +232,8 @@ def _run_strategy(args, config, prompt_ids, eos_ids, on_token, show_progress):
 
 def _make_strategy(args, config, prompt_ids, eos_ids):
     """The strategy object for --strategy, with its draft source."""
-    from .strategies import NEEDS_DRAFT, PipeInferStrategy, PipelineStrategy, SpeculativeStrategy, TreeStrategy
+    from .strategies import (NEEDS_DRAFT, PipeInferStrategy, PipelineStrategy, SpecPipeStrategy, SpeculativeStrategy,
+                             TreeStrategy)
 
     if args.strategy not in NEEDS_DRAFT:
         if args.draft or args.draft_model or args.tree_budget:
@@ -252,6 +257,10 @@ def _make_strategy(args, config, prompt_ids, eos_ids):
     draft = _make_draft(source, args.model, config, prompt_ids, args.max_new_tokens, eos_ids)
     if args.strategy == "speculative":
         return SpeculativeStrategy(draft, k=n_draft, min_confidence=p_accept)
+    if args.strategy == "specpipe":
+        if args.width < 1:
+            raise InputError("--width must be >= 1")
+        return SpecPipeStrategy(draft, width=args.width)
     if args.strategy == "pipeinfer":
         return PipeInferStrategy(draft, p_accept=p_accept, p_split=args.p_split, p_recovery=args.p_recovery,
                                  p_decay=args.p_decay, n_draft=n_draft, branches=args.branches,

@@ -64,24 +64,26 @@ class InFlight:
     def speculative(self) -> bool:
         return self.partition is not None
 
-    def walk(self, committed: list[int]) -> tuple[bool, int, list[int]]:
-        """Follow the committed text through this run: (consistent, node reached, nodes on the way).
+    def walk(self, committed: list[int]) -> tuple[str, int, list[int]]:
+        """Follow the committed text through this run: (status, node reached, nodes on the way).
 
-        Consistent means the run's assumed chain and the tree path agree with every committed
-        position they cover, so the run can still be used.
+        status "ok": the assumed chain and the tree path agree with every committed position they
+        cover and the path reaches the newest position, so the run can still be used; "stale":
+        everything agrees but the committed text has moved past the run's tree; "diverged": the
+        run assumed a token the target did not choose.
         """
         C = len(committed)
         for i, token in enumerate(self.chain):
             if self.base + i < C and committed[self.base + i] != token:
-                return False, 0, []
+                return "diverged", 0, []
         node, path, pos = 0, [], self.start
         while pos < C:
             child = self.tree.match(node, committed[pos])
             if child is None:
-                return False, node, path
+                return ("stale" if not self.tree.nodes[node].children else "diverged"), node, path
             node, pos = child, pos + 1
             path.append(node)
-        return True, node, path
+        return "ok", node, path
 
     def branch_end(self) -> tuple[list[int], int]:
         """Tokens of branch 0 and the position of its last node (the chain continues there)."""
@@ -141,8 +143,10 @@ class PipeInferStrategy(Strategy):
     name = "pipeinfer"
 
     def __init__(self, draft: DraftSource, p_accept: float = 0.5, p_split: float = 0.1, p_recovery: float = 0.0,
-                 p_decay: float = 0.0, n_draft: int = 16, branches: int = 1, max_inflight: int = 16):
+                 p_decay: float = 0.0, n_draft: int = 16, branches: int = 1, max_inflight: int = 16,
+                 narrate=None):
         self.draft = draft
+        self.narrate = narrate  # called with one sentence per decision (examples, teaching)
         self.p_accept, self.p_split, self.p_recovery, self.p_decay = p_accept, p_split, p_recovery, p_decay
         self.n_draft, self.branches, self.max_inflight = n_draft, branches, max_inflight
         self.buffers = KVMultiBuffer(n_partitions=max_inflight + 1, width=branches)
@@ -172,8 +176,11 @@ class PipeInferStrategy(Strategy):
         # a cancelled run may have stopped part-way at some stage: its rows are never used
         usable = not run.cancelled and not isinstance(answer, Cancelled)
         self.stats.cancelled_too_late += run.cancelled and not isinstance(answer, Cancelled)
+        if isinstance(answer, Cancelled):
+            self.say(f"run {run.run_id} comes back as a cancelled stub ({answer.layers_skipped} stage-layers skipped)")
         committed_before = len(self.committed)
-        consistent, node, accepted = run.walk(self.committed)
+        status, node, accepted = run.walk(self.committed)
+        consistent = status == "ok"
         if usable and consistent:
             while node != 0 and len(self.committed) == run.start + len(accepted) and not self.sink.done:
                 token = int(answer.tokens[node - 1])  # row of node = node - 1 (the root is no row)
@@ -182,12 +189,23 @@ class PipeInferStrategy(Strategy):
                 if node is None:
                     break
                 accepted.append(node)
+        if usable and status == "diverged":
+            self.say(f"run {run.run_id} answers, but it assumed a token the target did not choose: ignored")
+        elif usable and status == "stale":
+            self.say(f"run {run.run_id} answers, but the committed text has already moved past it: ignored")
+        elif usable and len(self.committed) > committed_before:
+            self.say(f"run {run.run_id} answers: commits {self.committed[committed_before:]}"
+                     + (f" ({len(accepted)} drafted token(s) confirmed)" if run.speculative and accepted else ""))
+        elif usable:
+            self.say(f"run {run.run_id} answers: nothing new (its positions are already committed)")
         if run.speculative:  # drafted: every launched token; accepted: those the committed text confirms
             self.stats.speculation.record(len(run.tree) - 1, run.tree.depth, len(accepted))
             if usable and consistent and accepted:  # sequence 0 adopts the accepted rows (greedy's own K/V)
                 leaf = run.tree.leaf_below(accepted[-1])
                 seq = run.partition[run.tree.leaves().index(leaf)]
                 self.submit(self.buffers.commit(seq, run.start, run.start + len(accepted)))
+                self.say(f"KV: sequence 0 adopts sequence {seq}'s cells at positions "
+                         f"{run.start}..{run.start + len(accepted) - 1}")
             self.submit(self.buffers.release(run.partition))
         if len(self.committed) > committed_before:
             self.stats.runs_verified += 1
@@ -195,6 +213,10 @@ class PipeInferStrategy(Strategy):
             self.cancel_invalid()
             if not self.sink.done:
                 self.launch_plain()
+
+    def say(self, sentence: str) -> None:
+        if self.narrate is not None:
+            self.narrate(sentence)
 
     def commit(self, tokens: list[int]) -> None:
         for t in tokens:
@@ -205,8 +227,11 @@ class PipeInferStrategy(Strategy):
     def cancel_invalid(self) -> None:
         """Early cancellation: stop speculative runs that can no longer be accepted."""
         for run in self.inflight:
-            if run.speculative and not run.cancelled and not run.walk(self.committed)[0]:
+            status = run.walk(self.committed)[0] if run.speculative and not run.cancelled else "ok"
+            if status != "ok":
                 run.cancelled = True
+                self.say(f"cancel run {run.run_id}: " + ("it assumed a token the target did not choose"
+                                                          if status == "diverged" else "it can no longer add anything"))
                 self.pipe.cancel(run.run_id)
                 self.stats.runs_cancelled += 1
 
@@ -223,6 +248,10 @@ class PipeInferStrategy(Strategy):
         if run.partition is None:
             rows = Batch.chain(rows.tokens, run.start)  # sequence 0
         self.pipe.submit(Run(run.run_id, rows, speculative=run.speculative))
+        what = "speculative" if run.speculative else "plain"
+        self.say(f"launch {what} run {run.run_id}: tokens {[int(t) for t in rows.tokens]} at positions "
+                 f"{run.start}..{run.start + run.tree.depth - 1}"
+                 + (f", sequences {run.partition}" if run.partition else ", sequence 0"))
         self.stats.runs_launched += 1
         self.stats.inflight_depth.append((self.pipe.now(), len(self.inflight)))
 
@@ -241,7 +270,7 @@ class PipeInferStrategy(Strategy):
             if not run.speculative or run.cancelled:
                 continue
             tokens, end = run.branch_end()
-            consistent = run.walk(self.committed)[0] and all(
+            consistent = run.walk(self.committed)[0] == "ok" and all(
                 self.committed[run.start + i] == t for i, t in enumerate(tokens) if run.start + i < C)
             if consistent and end >= C - 1:
                 return run

@@ -102,8 +102,9 @@ class SpecPipeStrategy(Strategy):
 
     name = "specpipe"
 
-    def __init__(self, draft: DraftSource, width: int = 4, max_nodes: int = 256):
+    def __init__(self, draft: DraftSource, width: int = 4, max_nodes: int = 256, narrate=None):
         self.draft, self.width = draft, width
+        self.narrate = narrate  # called with one sentence per decision (examples, teaching)
         self.n_seqs = 1 + max_nodes
         self.stats = SpecPipeStats()
         self.free_seqs = deque(range(1, self.n_seqs))  # sequence ids not held by a live node
@@ -149,9 +150,13 @@ class SpecPipeStrategy(Strategy):
         child = next((c for c in self.tip.children if c.token == token), None)
         if child is not None:
             self.stats.hits += 1
+            pruned_before = self.stats.pruned
             for other in self.tip.children:
                 if other is not child:
                     self.prune(other)
+            self.say(f"hit: the target chose {token} after node {self.tip.id}; node {child.id} is the new tip"
+                     + (f"; pruned {self.stats.pruned - pruned_before} node(s) off other branches"
+                        if self.stats.pruned > pruned_before else ""))
             self.pipe.submit(KVCopy(child.seq, 0, child.pos, child.pos + 1))  # committed K/V
             self.release_seq(self.tip)  # the old tip gets no new children
             self.tip = child
@@ -159,6 +164,8 @@ class SpecPipeStrategy(Strategy):
         else:
             self.stats.misses += 1
             self.pipe.mark("miss: refill", "cancel")
+            self.say(f"miss: the target chose {token} after node {self.tip.id}, which no child carries; "
+                     f"the wavefront is dropped and {token} becomes a new root")
             for c in self.tip.children:
                 self.prune(c)
             self.release_seq(self.tip)
@@ -179,6 +186,7 @@ class SpecPipeStrategy(Strategy):
         self.send([root])
         self.pipe.submit(KVCopy(root.seq, 0, pos, pos + 1))  # and is committed itself
         self.tip = root
+        self.say(f"send root node {root.id}={token} at position {pos} (committed; its K/V is not cached yet)")
 
     def grow(self) -> bool:
         """Send the next layer: the best `width` children of the deepest surviving leaves."""
@@ -207,7 +215,13 @@ class SpecPipeStrategy(Strategy):
             return False
         self.stats.drafted += len(layer)
         self.send(layer)
+        self.say(f"send a layer at position {layer[0].pos}: " + ", ".join(
+            f"node {n.id}={n.token} (under {n.parent.id}, p={n.path_prob:.2f})" for n in layer))
         return True
+
+    def say(self, sentence: str) -> None:
+        if self.narrate is not None:
+            self.narrate(sentence)
 
     def path_tokens(self, node: TreeNode) -> list[int]:
         """Tokens from just below the tip down to `node`."""
