@@ -152,13 +152,14 @@ class NgramDraft(DraftSource):
 
 
 class OracleDraft(DraftSource):
-    """Knows the target's greedy continuation; at each position its guess is right with
-    probability `p` (decided once per position, by a seeded coin), otherwise a wrong token.
+    """Knows the target's greedy continuation; its first guess at each position is right with
+    probability `p` (decided once per position, by a seeded coin).
 
-    `truth` is the greedy continuation after the prompt (e.g. from `generate_greedy`). Its
-    probability is reported as 1.0 (it never stops a chain early); alternatives ranked after
-    the first guess are distinct wrong tokens, except that a wrong first guess is followed by
-    the right token, so wider trees recover what a chain misses.
+    When the first guess is wrong, the right token may still come later in its ranking: at each
+    further rank with probability p/2 (so top-1 accuracy is p, top-2 p + (1-p)·p/2, ... like a
+    real draft whose alternatives are sometimes right). `truth` is the greedy continuation after
+    the prompt (e.g. from `generate_greedy`). The first guess reports probability 1.0 (it never
+    stops a chain early), the i-th alternative 0.5**i; every other guess is a distinct wrong token.
     """
 
     name = "oracle"
@@ -166,25 +167,35 @@ class OracleDraft(DraftSource):
     def __init__(self, truth: Sequence[int], p: float, vocab_size: int, seed: int = 0):
         self.truth, self.p, self.vocab_size, self.seed = [int(t) for t in truth], p, vocab_size, seed
         self.n_prompt = 0
+        self.n_calls = 0
+
+    @property
+    def tokens_computed(self) -> int:
+        """Each question costs what one draft-model row would (so the virtual clock charges it)."""
+        return self.n_calls
 
     def reset(self, prompt: Sequence[int]) -> None:
         self.n_prompt = len(prompt)
 
-    def _coin(self, position: int, salt: int = 0) -> random.Random:
-        return random.Random(hash((self.seed, position, salt)) & 0xFFFFFFFF)
-
     def top(self, context: Sequence[int], k: int) -> list[Guess]:
+        self.n_calls += 1
         j = len(context) - self.n_prompt  # index into truth of the token to guess
         on_track = 0 <= j < len(self.truth) and list(context[self.n_prompt:]) == self.truth[:j]
-        rng = self._coin(len(context))
         right = self.truth[j] if 0 <= j < len(self.truth) else None
-        wrong = [t for t in rng.sample(range(self.vocab_size), min(self.vocab_size, k + 1)) if t != right]
-        if on_track and rng.random() < self.p:
-            guesses = [right] + wrong
-        elif on_track:
-            guesses = wrong[:1] + [right] + wrong[1:]
-        else:
-            guesses = wrong
+        coin = random.Random(f"{self.seed}:{len(context)}:rank")  # one coin per position, the same for every k
+        rank = None  # where the right token sits in the ranking, if anywhere
+        if on_track:
+            rank, chance = 0, self.p
+            while coin.random() >= chance:
+                rank, chance = rank + 1, self.p / 2
+                if rank >= 64:
+                    rank = None
+                    break
+        if rank is not None and rank >= k:
+            rank = None
+        others = random.Random(f"{self.seed}:{len(context)}:wrong")
+        wrong = [t for t in others.sample(range(self.vocab_size), min(self.vocab_size, k + 1)) if t != right]
+        guesses = wrong[:k] if rank is None else wrong[:rank] + [right] + wrong[rank:]
         return [(t, 1.0 if i == 0 else 0.5 ** i) for i, t in enumerate(guesses[:k])]
 
 
