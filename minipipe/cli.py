@@ -61,8 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="layers per stage, e.g. 3,5 (default: an even split over --stages)")
     gen.add_argument("--runtime", choices=("process", "local"), default="process",
                      help="process: one OS process per stage over shared-memory rings (default); local: "
-                          "all stages in one process on a virtual clock (deterministic; reported times "
-                          "are simulated)")
+                          "all stages in one process on a virtual clock calibrated on this machine "
+                          "(deterministic; reported times are simulated)")
+    gen.add_argument("--slow-link-ms", type=float, default=0.0, metavar="MS",
+                     help="local runtime: add MS milliseconds to every hop between stages, to study a slow "
+                          "interconnect (default 0)")
     gen.add_argument("--trace", metavar="FILE",
                      help="write a Chrome trace-event JSON of every stage's work (open in ui.perfetto.dev)")
     gen.add_argument("--timeline", action="store_true",
@@ -220,7 +223,17 @@ def _run_strategy(args, config, prompt_ids, eos_ids, on_token, show_progress):
     n_stages = args.stages if args.stages is not None else (len(split) if split else 2)
     strategy = _make_strategy(args, config, prompt_ids, eos_ids)
     tracer = Tracer(enabled=bool(args.trace or args.timeline))
-    with open_pipeline(args.model, args.runtime, n_stages, split, strategy.n_seqs, tracer=tracer) as pipe:
+    cost = None
+    if args.runtime == "local":
+        from .runtime.cost import calibrate
+
+        draft_model = getattr(getattr(strategy, "draft", None), "model", None)
+        cost = calibrate(load_stage(args.model), draft_model, repeats=2).with_hop_latency(args.slow_link_ms / 1e3)
+        if not args.quiet:
+            print(f"[local] virtual clock calibrated here: {cost.describe()}", file=sys.stderr)
+    elif args.slow_link_ms:
+        raise InputError("--slow-link-ms needs --runtime local")
+    with open_pipeline(args.model, args.runtime, n_stages, split, strategy.n_seqs, tracer=tracer, cost=cost) as pipe:
         result = generate(strategy, pipe, prompt_ids, args.max_new_tokens, eos_ids, config.max_positions, on_token)
     if args.trace:
         tracer.write_chrome(args.trace)
