@@ -98,3 +98,38 @@ def test_doctor_quick():
     r = run("doctor", "--quick", timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "row-gemv" in r.stdout and "DIFFERENT" not in r.stdout
+
+
+@pytest.mark.parametrize("strategy, extra", [
+    ("pipeline", ["--stages", "3"]),
+    ("pipeline", ["--split", "2,3", "--runtime", "local", "--timeline"]),
+    ("speculative", ["--draft", "4"]),
+    ("tree", ["--tree-budget", "5", "--runtime", "local"]),
+    ("pipeinfer", ["--draft", "3", "--branches", "2", "--p-accept", "0.2", "--stages", "3"]),
+    ("specpipe", ["--width", "2", "--stages", "4", "--runtime", "local", "--slow-link-ms", "0.5"]),
+])
+def test_every_strategy_from_the_command_line(strategy, extra):
+    d, dd = shared_model("stories260k"), shared_model("stories260k-draft")
+    args = ["generate", "--prompt-ids", "1,403,407,261,378", "--model", str(d), "--max-new-tokens", "20", "--json"]
+    greedy = json.loads(run(*args).stdout)["tokens"]
+    draft = ["--draft", str(dd)] if strategy != "pipeline" else []
+    r = run(*args, "--strategy", strategy, *draft, *extra, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["tokens"] == greedy
+    assert out["metrics"]["strategy"] == strategy
+    if strategy != "pipeline":
+        assert "speculation" in out["metrics"]
+
+
+def test_strategy_flag_errors():
+    d = shared_model("stories260k")
+    for args, message in ((["--strategy", "pipeline", "--stages", "9"], "--stages must be between 1 and the model's 5"),
+                          (["--strategy", "pipeline", "--split", "2,2"], "summing to the model's 5 layers"),
+                          (["--strategy", "greedy", "--stages", "2"], "need a pipelined --strategy"),
+                          (["--strategy", "speculative", "--draft", "oracle:x"], "oracle drafts are spelled"),
+                          (["--strategy", "pipeinfer", "--p-accept", "2", "--draft", "ngram"], "--p-accept must be"),
+                          (["--strategy", "pipeline", "--slow-link-ms", "3"], "--slow-link-ms needs --runtime local")):
+        r = run("generate", "--prompt-ids", "1,2", "--model", str(d), *args)
+        assert r.returncode == 1 and message in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1
