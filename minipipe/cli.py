@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help='print one JSON object {"tokens": [...], "text": ..., "metrics": {...}} instead of streaming')
     gen.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
 
-    spec = parser_group = gen.add_argument_group("speculation (speculative, tree, pipeinfer, specpipe)")
+    spec = gen.add_argument_group("speculation (speculative, tree, pipeinfer, specpipe)")
     spec.add_argument("--draft", metavar="N|SOURCE", action="append",
                       help="may be given twice. A number: the most tokens drafted per verification or run (default 4; pipeinfer 16, "
                            "as in the original, whose README suggests 3-8); otherwise the draft source, as for "
@@ -106,7 +106,6 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tree: children per leaf at each depth (default SpecInfer's 1,1,3,1,1,1,1,1)")
     spec.add_argument("--tree-budget", type=int, metavar="N",
                       help="tree: grow best-first by path probability up to N nodes instead of a schedule")
-    del parser_group
     gen.add_argument("--chat", action="store_true",
                      help="treat PROMPT as a user message and apply the model's chat template "
                           "(chat_template in tokenizer_config.json) before tokenizing")

@@ -76,9 +76,6 @@ class Pipeline(ABC):
     def receive(self) -> Result | Cancelled:
         """The oldest answer, waiting for it if needed."""
 
-    def head_work(self, seconds: float) -> None:
-        """The head spent `seconds` on its own work; the local runtime's clock uses it."""
-
     def draft_work(self, n_tokens: int) -> None:
         """The head's draft model computed `n_tokens` rows (the local runtime charges their cost)."""
 
@@ -95,7 +92,8 @@ class Pipeline(ABC):
             tracer.instant("head", name, self.now(), kind, run_id)
 
     def stats(self) -> dict:
-        """Per-stage counters (runs, layers computed and skipped, KV edits)."""
+        """Per-stage counters (runs, layers computed and skipped, KV edits); the local runtime
+        has them at any time, the process runtime reports none (they stay in the stages)."""
         return {}
 
     def close(self) -> None:

@@ -7,7 +7,7 @@ decides itself which stage moves next, so it is deterministic, steppable and tra
   clock. Each stage processes its input in order; a step (one layer of a run, or one KV edit)
   starts when the stage is free and the message has arrived, and lasts what the cost model says;
   a message reaches the next stage one hop later. The head's clock advances with its own work
-  (`head_work`) and when it waits for an answer. Stages are simulated lazily, up to the head's
+  (`draft_work`) and when it waits for an answer. Stages are simulated lazily, up to the head's
   current time, whenever the head looks (`poll`, `receive`) or acts on timing (`cancel`).
 * **chooser mode** (`chooser=...`): no clock; a chooser picks which stage takes the next step,
   and how many steps the stages take whenever the head pauses (submit, cancel, poll). Tests drive
@@ -128,10 +128,6 @@ class LocalPipeline(Pipeline):
             self.clock = max(self.clock, arrival)
         return msg
 
-    def head_work(self, seconds: float) -> None:
-        if self.cost is not None:
-            self.clock += seconds
-
     def draft_work(self, n_tokens: int) -> None:
         if self.cost is not None and n_tokens:
             self.clock += self.cost.draft_per_token * n_tokens
@@ -142,8 +138,7 @@ class LocalPipeline(Pipeline):
         return self.clock
 
     def stats(self) -> dict:
-        return {f"stage {s.index}": {k: v for k, v in asdict(s.stats).items() if k != "last_step"}
-                for s in self.stages}
+        return {f"stage {s.index}": asdict(s.stats) for s in self.stages}
 
     # ------------------------------------------------------------------------------------------
     # the stages' side

@@ -148,7 +148,6 @@ class ProcessPipeline(Pipeline):
         self.cancels: CancelMap | None = None
         self.answers: deque = deque()  # Results and Cancelled stubs read ahead of `receive`
         self.closed = False
-        self._stage_stats: dict = {}
         # a run's largest message: a prefill chunk of hidden states, or rows of logits
         row_bytes = 4 * max(config.dim, config.vocab_size) + 64
         capacity = ring_bytes or max(8 << 20, 4 * 256 * row_bytes)
@@ -220,9 +219,6 @@ class ProcessPipeline(Pipeline):
 
     def now(self) -> float:
         return time.monotonic()
-
-    def stats(self) -> dict:
-        return self._stage_stats
 
     # ------------------------------------------------------------------------------------------
 

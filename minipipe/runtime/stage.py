@@ -25,7 +25,7 @@ finishes it.
 from __future__ import annotations
 
 from collections.abc import Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -43,7 +43,6 @@ class StageStats:
     cancelled_mid_run: int = 0  # of those, stopped between layers (after computing some)
     kv_edits: int = 0
     rows_pruned: int = 0  # rows dropped because their row id was marked (SpecPipe pruning)
-    last_step: dict = field(default_factory=dict)  # what the latest step did (for runtimes' traces)
 
 
 class Stage:
