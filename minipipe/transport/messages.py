@@ -32,6 +32,7 @@ with them before it consumes the record. A record that does not parse raises `Co
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,10 +41,9 @@ from ..batch import Batch
 from ..errors import MinipipeError
 
 MAGIC = 0x4D50  # "MP"
-HEADER = np.dtype([("magic", "<u2"), ("kind", "<u2"), ("flags", "<u4"), ("run_id", "<i8"), ("n_rows", "<u4"),
-                   ("width", "<u4"), ("n_seq_ids", "<u4"), ("n_bytes", "<u4"), ("args", "<i8", 4)], align=False)
+HEADER = struct.Struct("<HHIqIIII4q")  # magic kind flags run_id n_rows width n_seq_ids n_bytes args[4]
 HEADER_BYTES = 64
-assert HEADER.itemsize <= HEADER_BYTES
+assert HEADER.size == HEADER_BYTES
 
 # kinds
 RUN, RESULT, CANCELLED, KV_REMOVE, KV_COPY, READY, STAGE_FAILED, SHUTDOWN, TRACE = range(1, 10)
@@ -141,54 +141,53 @@ def _opt(x: int | None) -> int:
 
 def encode(msg: Message) -> list:
     """The message as a list of bytes-like parts (arrays are not copied)."""
-    h = np.zeros(1, dtype=HEADER)[0]
-    h["magic"] = MAGIC
+    kind, flags, run_id, n_rows, width, n_seq_ids, n_bytes = 0, 0, 0, 0, 0, 0, 0
+    args = [0, 0, 0, 0]
     body: list = []
     if isinstance(msg, Run):
         b = msg.batch
-        T = b.n_rows
+        kind, run_id, n_rows = RUN, msg.run_id, b.n_rows
         counts = np.array([len(s) for s in b.seq_ids], dtype=np.int32)
         flat = np.array([s for seqs in b.seq_ids for s in seqs], dtype=np.int32)
-        h["kind"], h["run_id"], h["n_rows"], h["n_seq_ids"] = RUN, msg.run_id, T, flat.shape[0]
-        h["flags"] = ((F_HIDDEN if msg.hidden is not None else 0) | (F_PREFILL if b.prefill else 0)
-                      | (F_RETURN_LOGITS if msg.return_logits else 0) | (F_SPECULATIVE if msg.speculative else 0)
-                      | (F_ROW_IDS if b.row_ids is not None else 0))
+        n_seq_ids = flat.shape[0]
+        flags = ((F_HIDDEN if msg.hidden is not None else 0) | (F_PREFILL if b.prefill else 0)
+                 | (F_RETURN_LOGITS if msg.return_logits else 0) | (F_SPECULATIVE if msg.speculative else 0)
+                 | (F_ROW_IDS if b.row_ids is not None else 0))
         body += _bytes(b.tokens.astype(np.int64)) + _bytes(b.positions.astype(np.int64))
         body += _bytes(b.want_logits.astype(np.uint8)) + _bytes(counts) + _bytes(flat)
         if b.row_ids is not None:
             body += _bytes(b.row_ids.astype(np.int64))
         if msg.hidden is not None:
-            h["width"] = msg.hidden.shape[1]
+            width = msg.hidden.shape[1]
             body += _bytes(msg.hidden.astype(np.float32, copy=False))
     elif isinstance(msg, Result):
-        h["kind"], h["run_id"], h["n_rows"] = RESULT, msg.run_id, msg.tokens.shape[0]
+        kind, run_id, n_rows = RESULT, msg.run_id, msg.tokens.shape[0]
         body += _bytes(msg.tokens.astype(np.int64))
         if msg.row_ids is not None:
-            h["flags"] |= F_ROW_IDS
+            flags |= F_ROW_IDS
             body += _bytes(msg.row_ids.astype(np.int64))
         if msg.logits is not None:
-            h["flags"] |= F_LOGITS
-            h["width"] = msg.logits.shape[1]
+            flags |= F_LOGITS
+            width = msg.logits.shape[1]
             body += _bytes(msg.logits.astype(np.float32, copy=False))
     elif isinstance(msg, Cancelled):
-        h["kind"], h["run_id"], h["args"][0] = CANCELLED, msg.run_id, msg.layers_skipped
+        kind, run_id, args[0] = CANCELLED, msg.run_id, msg.layers_skipped
     elif isinstance(msg, KVRemove):
-        h["kind"], h["args"][:3] = KV_REMOVE, (_opt(msg.seq), msg.p0, _opt(msg.p1))
+        kind, args[:3] = KV_REMOVE, (_opt(msg.seq), msg.p0, _opt(msg.p1))
     elif isinstance(msg, KVCopy):
-        h["kind"], h["args"] = KV_COPY, (msg.src, msg.dst, msg.p0, _opt(msg.p1))
+        kind, args = KV_COPY, [msg.src, msg.dst, msg.p0, _opt(msg.p1)]
     elif isinstance(msg, Ready):
-        h["kind"], h["args"][:2] = READY, (msg.stage, msg.pid)
+        kind, args[:2] = READY, (msg.stage, msg.pid)
     elif isinstance(msg, Shutdown):
-        h["kind"] = SHUTDOWN
+        kind = SHUTDOWN
     elif isinstance(msg, (StageFailed, TraceEvents)):
         text = (msg.message if isinstance(msg, StageFailed) else json.dumps(msg.events)).encode()
-        h["kind"] = STAGE_FAILED if isinstance(msg, StageFailed) else TRACE
-        h["args"][0], h["n_bytes"] = msg.stage, len(text)
+        kind = STAGE_FAILED if isinstance(msg, StageFailed) else TRACE
+        args[0], n_bytes = msg.stage, len(text)
         body += _bytes(np.frombuffer(text, dtype=np.uint8))
     else:
         raise TypeError(f"not a message: {msg!r}")
-    header = np.zeros(HEADER_BYTES, dtype=np.uint8)
-    header[: HEADER.itemsize] = np.frombuffer(h.tobytes(), dtype=np.uint8)
+    header = HEADER.pack(MAGIC, kind, flags, run_id, n_rows, width, n_seq_ids, n_bytes, *args)
     return [header] + body
 
 
@@ -215,18 +214,16 @@ def decode(payload: memoryview) -> Message:
     """Parse one ring record (arrays are views of `payload`)."""
     if len(payload) < HEADER_BYTES:
         raise CorruptMessage(f"record of {len(payload)} bytes is shorter than a header")
-    h = np.frombuffer(payload, dtype=HEADER, count=1)[0]
-    if h["magic"] != MAGIC:
-        raise CorruptMessage(f"bad magic 0x{int(h['magic']):04x}")
-    kind, flags, run_id, args = int(h["kind"]), int(h["flags"]), int(h["run_id"]), [int(a) for a in h["args"]]
+    magic, kind, flags, run_id, T, width, n_seq_ids, n_bytes, *args = HEADER.unpack_from(payload, 0)
+    if magic != MAGIC:
+        raise CorruptMessage(f"bad magic 0x{magic:04x}")
     r = _Reader(payload)
-    T, width = int(h["n_rows"]), int(h["width"])
     if kind == RUN:
         tokens = r.array(np.int64, T)
         positions = r.array(np.int64, T)
         want = r.array(np.uint8, T).astype(bool)
         counts = r.array(np.int32, T)
-        flat = r.array(np.int32, int(h["n_seq_ids"]))
+        flat = r.array(np.int32, n_seq_ids)
         if counts.sum() != flat.shape[0] or (counts < 1).any():
             raise CorruptMessage("sequence-id counts do not match the ids")
         row_ids = r.array(np.int64, T) if flags & F_ROW_IDS else None
@@ -252,7 +249,7 @@ def decode(payload: memoryview) -> Message:
     if kind == SHUTDOWN:
         return Shutdown()
     if kind in (STAGE_FAILED, TRACE):
-        text = r.array(np.uint8, int(h["n_bytes"])).tobytes().decode("utf-8", errors="replace")
+        text = r.array(np.uint8, n_bytes).tobytes().decode("utf-8", errors="replace")
         if kind == STAGE_FAILED:
             return StageFailed(args[0], text)
         try:
