@@ -207,7 +207,7 @@ def check_compatible(target_dir, draft_dir, target_vocab: int, draft_vocab: int)
 
     if abs(target_vocab - draft_vocab) > 128:
         raise InputError(f"the draft's vocabulary ({draft_vocab} tokens) does not match the target's "
-                         f"({target_vocab}); a draft must share the target's tokenizer")
+                         f"({target_vocab}); a draft must share the target's tokenizer (or use --draft ngram)")
     t_path, d_path = Path(target_dir) / "tokenizer.json", Path(draft_dir) / "tokenizer.json"
     if t_path.is_file() and d_path.is_file():
         t_vocab = Tokenizer(target_dir)._tok.get_vocab(with_added_tokens=True)
@@ -215,4 +215,4 @@ def check_compatible(target_dir, draft_dir, target_vocab: int, draft_vocab: int)
         if t_vocab != d_vocab:
             differing = sorted(set(t_vocab.items()) ^ set(d_vocab.items()), key=lambda kv: kv[1])[:1]
             raise InputError(f"the draft's tokenizer differs from the target's (e.g. {differing[0][0]!r}); "
-                             "a draft must share the target's tokenizer")
+                             "a draft must share the target's tokenizer (or use --draft ngram)")
