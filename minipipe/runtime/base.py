@@ -14,7 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from ..errors import InputError, MinipipeError
-from ..transport.messages import Cancelled, KVCopy, KVRemove, Result, Run
+from ..transport.messages import Cancelled, KVCopy, KVEdits, KVRemove, Result, Run
 
 
 class StageCrashed(MinipipeError):
@@ -61,8 +61,13 @@ class Pipeline(ABC):
         return run_id
 
     @abstractmethod
-    def submit(self, msg: Run | KVRemove | KVCopy) -> None:
-        """Send a run or a KV edit into stage 0 (it travels through every stage in order)."""
+    def submit(self, msg: Run | KVRemove | KVCopy | KVEdits) -> None:
+        """Send a run or KV edits into stage 0 (they travel through every stage in order)."""
+
+    def submit_edits(self, edits: list) -> None:
+        """Send KV edits as one message (nothing if there are none)."""
+        if edits:
+            self.submit(KVEdits(list(edits)) if len(edits) > 1 else edits[0])
 
     @abstractmethod
     def cancel(self, run_id: int) -> None:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 from ..model import StageModel
 from ..transport.cancel import LocalCancelSet
-from ..transport.messages import Cancelled, KVCopy, KVRemove, Result, Run
+from ..transport.messages import Cancelled, KVCopy, KVEdits, KVRemove, Result, Run
 from ..trace import Tracer
 from .base import Pipeline
 from .cost import CostModel
@@ -94,7 +94,7 @@ class LocalPipeline(Pipeline):
     # ------------------------------------------------------------------------------------------
     # the head's side
 
-    def submit(self, msg: Run | KVRemove | KVCopy) -> None:
+    def submit(self, msg: Run | KVRemove | KVCopy | KVEdits) -> None:
         arrival = self.clock
         if self.cost is not None:
             self.clock += self.cost.submit
@@ -245,6 +245,8 @@ class LocalPipeline(Pipeline):
         cost = self.cost.layer(rows, msg.batch.prefill) * layers if layers else 0.0
         if isinstance(msg, (KVRemove, KVCopy)):
             cost += self.cost.kv_edit
+        elif isinstance(msg, KVEdits):
+            cost += self.cost.kv_edit * len(msg.edits)
         elif outputs and isinstance(outputs[0], Result):
             cost += self.cost.head(outputs[0].tokens.shape[0])
         return cost
@@ -261,6 +263,8 @@ class LocalPipeline(Pipeline):
             self.tracer.instant(track, f"skip cancelled {msg.run_id}", job.started, "cancel", msg.run_id)
         elif isinstance(msg, (KVRemove, KVCopy)):
             self.tracer.instant(track, _kv_label(msg), job.started, "kv")
+        elif isinstance(msg, KVEdits):
+            self.tracer.instant(track, "; ".join(_kv_label(e) for e in msg.edits), job.started, "kv")
 
 
 def _kv_label(msg) -> str:

@@ -33,7 +33,7 @@ from ..config import load_config
 from ..errors import MinipipeError
 from ..trace import Tracer
 from ..transport.cancel import CancelHandle, CancelMap
-from ..transport.messages import (Cancelled, CorruptMessage, KVCopy, KVRemove, Ready, Result, Run, Shutdown,
+from ..transport.messages import (Cancelled, CorruptMessage, KVCopy, KVEdits, KVRemove, Ready, Result, Run, Shutdown,
                                   StageFailed, TraceEvents, decode, encode)
 from ..transport.ring import PeerDied, Ring, RingClosed, RingHandle
 from .base import Pipeline, StageCrashed, split_layers
@@ -129,7 +129,7 @@ def _record(events: list, track: str, msg, outputs, start: float, end: float) ->
     elif isinstance(msg, Cancelled):
         events.append(dict(track=track, name=f"skip cancelled {msg.run_id}", start=start, end=start, kind="cancel",
                            run_id=msg.run_id, args={}))
-    elif isinstance(msg, (KVRemove, KVCopy)):
+    elif isinstance(msg, (KVRemove, KVCopy, KVEdits)):
         events.append(dict(track=track, name=type(msg).__name__, start=start, end=start, kind="kv", run_id=None,
                            args={}))
 
@@ -183,7 +183,7 @@ class ProcessPipeline(Pipeline):
 
     # ------------------------------------------------------------------------------------------
 
-    def submit(self, msg: Run | KVRemove | KVCopy) -> None:
+    def submit(self, msg: Run | KVRemove | KVCopy | KVEdits) -> None:
         parts = encode(msg)
         if isinstance(msg, Run):
             self.tracer.instant("head", f"submit {msg.run_id}", time.monotonic(), "submit", msg.run_id)

@@ -14,7 +14,8 @@ What a stage does with each message (in arrival order, always):
 |              | if cancelled (before or between layers): stop                  | `Cancelled`     |
 | `Cancelled`  | nothing to compute (adds its layers to the skipped count)      | the stub        |
 | `KVRemove`,  | apply to this stage's cache, after every earlier run           | the edit (not   |
-| `KVCopy`     |                                                                | the last stage) |
+| `KVCopy`,    |                                                                | the last stage) |
+| `KVEdits`    |                                                                |                 |
 | `Shutdown` and the rest | nothing                                             | the message     |
 
 `process` is a generator: it yields between layers (so a runtime can interleave other actors
@@ -31,7 +32,7 @@ import numpy as np
 
 from .. import kernels
 from ..model import StageModel
-from ..transport.messages import Cancelled, KVCopy, KVRemove, Message, Result, Run
+from ..transport.messages import Cancelled, KVCopy, KVEdits, KVRemove, Message, Result, Run
 
 
 @dataclass
@@ -65,12 +66,13 @@ class Stage:
         if isinstance(msg, Cancelled):
             self.stats.layers_skipped += self.n_layers
             return [Cancelled(msg.run_id, msg.layers_skipped + self.n_layers)]
-        if isinstance(msg, (KVRemove, KVCopy)):
-            if isinstance(msg, KVRemove):
-                self.cache.seq_rm(msg.seq, msg.p0, msg.p1)
-            else:
-                self.cache.seq_cp(msg.src, msg.dst, msg.p0, msg.p1)
-            self.stats.kv_edits += 1
+        if isinstance(msg, (KVRemove, KVCopy, KVEdits)):
+            for edit in msg.edits if isinstance(msg, KVEdits) else [msg]:
+                if isinstance(edit, KVRemove):
+                    self.cache.seq_rm(edit.seq, edit.p0, edit.p1)
+                else:
+                    self.cache.seq_cp(edit.src, edit.dst, edit.p0, edit.p1)
+                self.stats.kv_edits += 1
             return [] if self.is_last else [msg]
         return [msg]
 

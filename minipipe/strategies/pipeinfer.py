@@ -200,13 +200,14 @@ class PipeInferStrategy(Strategy):
             self.say(f"run {run.run_id} answers: nothing new (its positions are already committed)")
         if run.speculative:  # drafted: every launched token; accepted: those the committed text confirms
             self.stats.speculation.record(len(run.tree) - 1, run.tree.depth, len(accepted))
+            edits = []
             if usable and consistent and accepted:  # sequence 0 adopts the accepted rows (greedy's own K/V)
                 leaf = run.tree.leaf_below(accepted[-1])
                 seq = run.partition[run.tree.leaves().index(leaf)]
-                self.submit(self.buffers.commit(seq, run.start, run.start + len(accepted)))
+                edits += self.buffers.commit(seq, run.start, run.start + len(accepted))
                 self.say(f"KV: sequence 0 adopts sequence {seq}'s cells at positions "
                          f"{run.start}..{run.start + len(accepted) - 1}")
-            self.submit(self.buffers.release(run.partition))
+            self.submit(edits + self.buffers.release(run.partition))
         if len(self.committed) > committed_before:
             self.stats.runs_verified += 1
             self.n_rejected = 0
@@ -238,9 +239,8 @@ class PipeInferStrategy(Strategy):
     # ------------------------------------------------------------------------------------------
     # launching
 
-    def submit(self, messages) -> None:
-        for m in messages:
-            self.pipe.submit(m)
+    def submit(self, edits) -> None:
+        self.pipe.submit_edits(edits)
 
     def launch(self, run: InFlight) -> None:
         self.inflight.append(run)
@@ -304,9 +304,10 @@ class PipeInferStrategy(Strategy):
             part = self.buffers.acquire()
             if part is None:
                 return
-            self.submit(self.buffers.view(0, part, 0, C))
+            edits = self.buffers.view(0, part, 0, C)
             if tail is not None and start > C:
-                self.submit(self.buffers.view(tail.partition[self.tail_branch(tail)], part, C, start))
+                edits += self.buffers.view(tail.partition[self.tail_branch(tail)], part, C, start)
+            self.submit(edits)
             self.launch(InFlight(self.pipe.new_run_id(), start, tree, chain, C, part))
             self.stats.speculative_runs += 1
             iteration += 1

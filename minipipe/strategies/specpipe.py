@@ -148,17 +148,19 @@ class SpecPipeStrategy(Strategy):
         self.sink.add([token])
         self.pipe.mark(f"commit {token}", "commit")
         child = next((c for c in self.tip.children if c.token == token), None)
+        edits: list = []
         if child is not None:
             self.stats.hits += 1
             pruned_before = self.stats.pruned
             for other in self.tip.children:
                 if other is not child:
-                    self.prune(other)
+                    edits += self.prune(other)
             self.say(f"hit: the target chose {token} after node {self.tip.id}; node {child.id} is the new tip"
                      + (f"; pruned {self.stats.pruned - pruned_before} node(s) off other branches"
                         if self.stats.pruned > pruned_before else ""))
-            self.pipe.submit(KVCopy(child.seq, 0, child.pos, child.pos + 1))  # committed K/V
-            self.release_seq(self.tip)  # the old tip gets no new children
+            edits.append(KVCopy(child.seq, 0, child.pos, child.pos + 1))  # committed K/V
+            edits += self.release_seq(self.tip)  # the old tip gets no new children
+            self.pipe.submit_edits(edits)
             self.tip = child
             self.tip.parent = None
         else:
@@ -167,8 +169,8 @@ class SpecPipeStrategy(Strategy):
             self.say(f"miss: the target chose {token} after node {self.tip.id}, which no child carries; "
                      f"the wavefront is dropped and {token} becomes a new root")
             for c in self.tip.children:
-                self.prune(c)
-            self.release_seq(self.tip)
+                edits += self.prune(c)
+            self.pipe.submit_edits(edits + self.release_seq(self.tip))
             for run_id, epoch, _ in self.inflight:  # the whole wavefront is stale
                 if epoch == self.epoch:
                     self.pipe.cancel(run_id)
@@ -204,15 +206,16 @@ class SpecPipeStrategy(Strategy):
                 candidates.append((-leaf.path_prob * prob, i, leaf, token, prob))
         self.pipe.draft_work(self.draft.tokens_computed - rows_before)
         candidates.sort(key=lambda c: (c[0], c[1]))
-        layer = []
+        layer, edits = [], []
         for neg_path_prob, _, parent, token, prob in candidates[: self.width]:
             node = TreeNode(self.pipe.new_run_id(), token, parent.pos + 1, self.free_seqs.popleft(), parent,
                             -neg_path_prob)
             parent.children.append(node)
-            self.pipe.submit(KVCopy(parent.seq, node.seq, 0, None))  # sees what its parent sees
+            edits.append(KVCopy(parent.seq, node.seq, 0, None))  # sees what its parent sees
             layer.append(node)
         if not layer:
             return False
+        self.pipe.submit_edits(edits)
         self.stats.drafted += len(layer)
         self.send(layer)
         self.say(f"send a layer at position {layer[0].pos}: " + ", ".join(
@@ -241,14 +244,18 @@ class SpecPipeStrategy(Strategy):
         self.inflight.append((run_id, self.epoch, nodes))
         self.stats.micro_batches += 1
 
-    def prune(self, node: TreeNode) -> None:
-        """Drop a node and its subtree everywhere: rows in flight are skipped, cells freed."""
+    def prune(self, node: TreeNode) -> list:
+        """Drop a node and its subtree everywhere: rows in flight are skipped; returns the KV
+        edits that free their cells."""
+        edits = []
         for n in node.subtree():
             self.pipe.cancel(n.id)  # stages drop the row wherever it has not gone yet
-            self.release_seq(n)
+            edits += self.release_seq(n)
             self.stats.pruned += 1
         node.children = []
+        return edits
 
-    def release_seq(self, node: TreeNode) -> None:
-        self.pipe.submit(KVRemove(node.seq))
+    def release_seq(self, node: TreeNode) -> list:
+        """The KV edit that frees a node's sequence; the id is free for a new node."""
         self.free_seqs.append(node.seq)
+        return [KVRemove(node.seq)]

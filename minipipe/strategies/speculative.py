@@ -55,18 +55,15 @@ class TreeVerification(Strategy):
                 self.grow(tree, prompt + sink.tokens, max_depth)
                 pipe.draft_work(self.draft.tokens_computed - rows_before)
             part = self.buffers.acquire()
-            for edit in self.buffers.view(0, part, 0, root_pos):
-                pipe.submit(edit)
+            pipe.submit_edits(self.buffers.view(0, part, 0, root_pos))
             pipe.submit(Run(pipe.new_run_id(), tree.batch(root_pos, part[0]), speculative=len(tree) > 1))
             answer = pipe.receive()
             assert isinstance(answer, Result), "a synchronous verification is never cancelled"
             accepted, committed = tree.verify(answer.tokens)
             self.stats.record(len(tree) - 1, tree.depth, len(accepted))
             branch = part[tree.leaves().index(tree.leaf_below(accepted[-1] if accepted else 0))]
-            for edit in self.buffers.commit(branch, root_pos, root_pos + len(accepted) + 1):
-                pipe.submit(edit)
-            for edit in self.buffers.release(part):
-                pipe.submit(edit)
+            pipe.submit_edits(self.buffers.commit(branch, root_pos, root_pos + len(accepted) + 1)
+                              + self.buffers.release(part))
             sink.add(committed)
 
 

@@ -11,6 +11,7 @@ side channel).
 | `Cancelled`   | any stage -> ... -> head   | stub for a run skipped by early cancellation           |
 | `KVRemove`    | head -> every stage        | `seq_rm(seq, p0, p1)` on each stage's cache            |
 | `KVCopy`      | head -> every stage        | `seq_cp(src, dst, p0, p1)` on each stage's cache       |
+| `KVEdits`     | head -> every stage        | several of the two above, applied in order (one hop)   |
 | `Ready`       | stage -> ... -> head       | a stage has loaded its weights                         |
 | `StageFailed` | stage -> ... -> head       | a stage hit an error; the head reports it              |
 | `Shutdown`    | head -> every stage -> head| stop after forwarding                                  |
@@ -23,6 +24,7 @@ Byte format: a 64-byte header, then the kind's arrays, each padded to 8 bytes:
     Run:    tokens i64[T] | positions i64[T] | want_logits u8[T] | seq counts i32[T] |
             seq ids i32[n_seq_ids] | row ids i64[T] (flag ROW_IDS) | hidden f32[T, width] (flag HIDDEN)
     Result: tokens i64[T] | row ids i64[T] (flag ROW_IDS) | logits f32[T, width] (flag LOGITS)
+    KVEdits: i64[n_rows, 5] = (op 0 remove / 1 copy, seq or src, dst, p0, p1), -1 = none
     others: args in the header; text (UTF-8, n_bytes) for StageFailed and TraceEvents
 
 Decoding reads arrays in place (zero-copy views of the ring's memory), so a reader must finish
@@ -46,7 +48,7 @@ HEADER_BYTES = 64
 assert HEADER.size == HEADER_BYTES
 
 # kinds
-RUN, RESULT, CANCELLED, KV_REMOVE, KV_COPY, READY, STAGE_FAILED, SHUTDOWN, TRACE = range(1, 10)
+RUN, RESULT, CANCELLED, KV_REMOVE, KV_COPY, READY, STAGE_FAILED, SHUTDOWN, TRACE, KV_EDITS = range(1, 11)
 # flags
 F_HIDDEN, F_LOGITS, F_PREFILL, F_RETURN_LOGITS, F_SPECULATIVE, F_ROW_IDS = 1, 2, 4, 8, 16, 32
 NONE = -1  # "no value" in the header's integer args (e.g. p1 = infinity)
@@ -95,6 +97,13 @@ class KVCopy:
 
 
 @dataclass
+class KVEdits:
+    """KV edits applied in order by every stage: one message instead of one per edit."""
+
+    edits: list  # of KVRemove | KVCopy
+
+
+@dataclass
 class Ready:
     stage: int
     pid: int
@@ -117,7 +126,7 @@ class TraceEvents:
     events: list = field(default_factory=list)
 
 
-Message = Run | Result | Cancelled | KVRemove | KVCopy | Ready | StageFailed | Shutdown | TraceEvents
+Message = Run | Result | Cancelled | KVRemove | KVCopy | KVEdits | Ready | StageFailed | Shutdown | TraceEvents
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,6 +185,11 @@ def encode(msg: Message) -> list:
         kind, args[:3] = KV_REMOVE, (_opt(msg.seq), msg.p0, _opt(msg.p1))
     elif isinstance(msg, KVCopy):
         kind, args = KV_COPY, [msg.src, msg.dst, msg.p0, _opt(msg.p1)]
+    elif isinstance(msg, KVEdits):
+        kind, n_rows = KV_EDITS, len(msg.edits)
+        table = np.array([(0, _opt(e.seq), NONE, e.p0, _opt(e.p1)) if isinstance(e, KVRemove)
+                          else (1, e.src, e.dst, e.p0, _opt(e.p1)) for e in msg.edits], dtype=np.int64)
+        body += _bytes(table)
     elif isinstance(msg, Ready):
         kind, args[:2] = READY, (msg.stage, msg.pid)
     elif isinstance(msg, Shutdown):
@@ -244,6 +258,17 @@ def decode(payload: memoryview) -> Message:
         return KVRemove(None if args[0] == NONE else args[0], args[1], None if args[2] == NONE else args[2])
     if kind == KV_COPY:
         return KVCopy(args[0], args[1], args[2], None if args[3] == NONE else args[3])
+    if kind == KV_EDITS:
+        table = r.array(np.int64, 5 * T, (T, 5))
+        edits = []
+        for op, a, b, p0, p1 in table.tolist():
+            if op == 0:
+                edits.append(KVRemove(None if a == NONE else a, p0, None if p1 == NONE else p1))
+            elif op == 1:
+                edits.append(KVCopy(a, b, p0, None if p1 == NONE else p1))
+            else:
+                raise CorruptMessage(f"unknown KV edit {op}")
+        return KVEdits(edits)
     if kind == READY:
         return Ready(args[0], args[1])
     if kind == SHUTDOWN:
