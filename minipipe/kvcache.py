@@ -139,9 +139,12 @@ class KVCache:
         """Make cells of `src` with p0 <= pos < p1 visible to `dst` as well."""
         s, d = self._seq(src), self._seq(dst)
         chosen = self.cell_seqs[:, s] & self._in_range(p0, p1)  # [C]
-        others = self.cell_seqs[:, d] & ~chosen
-        if np.intersect1d(self.cell_pos[chosen], self.cell_pos[others]).size:
-            raise KVCacheError(f"seq_cp({src} -> {dst}) would give sequence {dst} two cells at one position")
+        others = self.cell_seqs[:, d] & ~chosen  # cells dst already sees
+        if others.any() and chosen.any():
+            taken = np.zeros(int(self.cell_pos.max()) + 1, dtype=bool)  # positions dst already holds
+            taken[self.cell_pos[others]] = True
+            if taken[self.cell_pos[chosen]].any():
+                raise KVCacheError(f"seq_cp({src} -> {dst}) would give sequence {dst} two cells at one position")
         self.cell_seqs[chosen, d] = True
 
     def seq_rm(self, seq: int | None, p0: int = 0, p1: int | None = None) -> None:
