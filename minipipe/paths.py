@@ -19,9 +19,9 @@ DEFAULT_DRAFT = "tinybard-draft"
 
 
 def shipped_models_dir() -> Path:
-    """`models/` of the source tree (editable installs) or of the installed package data."""
+    """`models/` installed as package data (minipipe/models), or of the source tree."""
     here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "models", here / "models"):
+    for candidate in (here / "models", here.parent / "models"):
         if candidate.is_dir():
             return candidate
     return here.parent / "models"
