@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--model", help="target (default: the shipped model)")
     parser.add_argument("--draft", help="draft (default: the shipped draft)")
     parser.add_argument("--tokens", type=int, default=12)
-    parser.add_argument("--prompt", default="Once upon a time")
+    parser.add_argument("--prompt", default="JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n\nROMEO:\n")
     args = parser.parse_args()
     target_dir, draft_dir = resolve_model(args.model), resolve_model(args.draft, default=DEFAULT_DRAFT)
     config = load_config(target_dir)
@@ -51,11 +51,11 @@ def main() -> None:
         runs = [r.run_id for r in strategy.inflight] if hasattr(strategy, "inflight") else []
         print(f"t={pipe.now() * 1e3:7.2f} ms  in flight {str(runs):<22} {sentence}")
 
-    strategy = PipeInferStrategy(DraftModel(draft), p_accept=0.2, n_draft=3, branches=2, max_inflight=6,
+    strategy = PipeInferStrategy(DraftModel(draft), p_accept=0.05, n_draft=3, branches=2, max_inflight=6,
                                  narrate=narrate)
     pipe = LocalPipeline(load_stage_models(target_dir, split_layers(config.n_layers, 3)), n_seqs=strategy.n_seqs,
                          cost=cost, tracer=tracer)
-    print(f"prompt {args.prompt!r}: {len(prompt)} tokens; PipeInfer with p_accept 0.2, up to 3 drafted tokens "
+    print(f"prompt {args.prompt!r}: {len(prompt)} tokens; PipeInfer with p_accept 0.05, up to 3 drafted tokens "
           "and 2 branches per run, 6 runs in flight\n")
     result = generate(strategy, pipe, prompt, args.tokens, tok.eos_ids, config.max_positions)
     print("\n" + tracer.timeline(width=110))

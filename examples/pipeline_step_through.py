@@ -45,7 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="checkpoint directory or name (default: the shipped model)")
     parser.add_argument("--tokens", type=int, default=4, help="tokens to generate (default 4)")
-    parser.add_argument("--prompt", default="Once upon a time")
+    parser.add_argument("--prompt", default="JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n\nROMEO:\n")
     args = parser.parse_args()
     model_dir = resolve_model(args.model)
     config = load_config(model_dir)

@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=4)
     parser.add_argument("--width", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=12)
-    parser.add_argument("--prompt", default="Once upon a time")
+    parser.add_argument("--prompt", default="JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n\nROMEO:\n")
     args = parser.parse_args()
     target_dir, draft_dir = resolve_model(args.model), resolve_model(args.draft, default=DEFAULT_DRAFT)
     config = load_config(target_dir)

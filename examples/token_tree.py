@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--model", help="target (default: the shipped model)")
     parser.add_argument("--draft", help="draft (default: the shipped draft)")
     parser.add_argument("--schedule", default="1,2,2", help="children per leaf at each depth (default 1,2,2)")
-    parser.add_argument("--prompt", default="Once upon a time")
+    parser.add_argument("--prompt", default="JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n\nROMEO:\n")
     args = parser.parse_args()
     target_dir, draft_dir = resolve_model(args.model), resolve_model(args.draft, default=DEFAULT_DRAFT)
     target, tok = load_stage(target_dir), Tokenizer(target_dir)

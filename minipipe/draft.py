@@ -83,6 +83,7 @@ class DraftModel(DraftSource):
 
     @property
     def tokens_computed(self) -> int:
+        """Decode rows computed (the prompt's batched prefill is not counted)."""
         return self.n_rows
 
     def reset(self, prompt: Sequence[int]) -> None:
@@ -107,7 +108,8 @@ class DraftModel(DraftSource):
         for start, end in kernels.prefill_chunks(len(new)) if prefill else [(0, len(new))]:
             batch = Batch.chain(new[start:end], common + start, want_logits="last", prefill=prefill)
             logits = self.model.forward(self.cache, batch)
-        self.n_rows += len(new)
+        if not prefill:  # a long suffix is the prompt: its cost overlaps the target's prefill
+            self.n_rows += len(new)
         self.cached = context
         self.last_probs = kernels.softmax(logits[-1])
         return self.last_probs

@@ -29,10 +29,13 @@ TARGET = MODELS / "tinybard"
 DRAFT = MODELS / "tinybard-draft"
 MAX_MODELS_BYTES = 20_000_000  # models/ stays under 20 MB in total (issue 3)
 
-GOLDEN_PROMPT = "GOLDEN_PROMPT_PLACEHOLDER"
-GOLDEN_IDS: list[int] = []  # GOLDEN_IDS_PLACEHOLDER
-GOLDEN_TEXT = "GOLDEN_TEXT_PLACEHOLDER"
-GOLDEN_MIN_MARGIN = 0.0  # smallest top-1/top-2 logit margin along GOLDEN_IDS (minipipe, float32)
+GOLDEN_PROMPT = "HAMLET:\nTo be, or not to be: that is the question:\n"
+GOLDEN_PROMPT_IDS = [1, 1137, 28, 201, 416, 307, 14, 516, 323, 292, 307, 28, 328, 324, 270, 558, 1931, 28, 201]
+GOLDEN_IDS = [43, 458, 307, 261, 434, 14, 297, 307, 261, 434, 14, 297, 261, 434, 201,
+              1289, 261, 434, 329, 271, 542, 16, 201, 201, 1137, 28, 201, 43, 446, 261]
+GOLDEN_TEXT = "I'll be a man, and be a man, and a man\nof a man's bond.\n\nHAMLET:\nI am a"
+# The smallest top-1/top-2 logit margin along GOLDEN_IDS is 0.069 (minipipe, float32); minipipe
+# and transformers differ by ~2e-5 on these logits, so no step is a near-tie.
 
 COMMON_WORDS = {"the", "and", "i", "to", "of", "a", "my", "you", "that", "in", "is", "not", "me", "it", "with",
                 "his", "be", "your", "this", "for", "thy", "thou", "he", "have", "will", "what", "so", "but",
@@ -87,6 +90,7 @@ def test_tokenizer_round_trip(tokenizer, text):
 
 def test_golden_greedy_continuation(target, tokenizer):
     prompt = tokenizer.encode(GOLDEN_PROMPT)
+    assert prompt == GOLDEN_PROMPT_IDS
     result = generate_greedy(target, prompt, len(GOLDEN_IDS))
     assert result.tokens == GOLDEN_IDS
     assert tokenizer.decode(result.tokens) == GOLDEN_TEXT
