@@ -1,6 +1,6 @@
 """Greedy decode speed of minipipe against the memory-bandwidth bound and against transformers.
 
-    python benchmarks/bench_greedy.py --model DIR [--tokens N] [--prompt TEXT] [--json]
+    python benchmarks/bench_greedy.py [--model DIR|NAME] [--tokens N] [--prompt TEXT] [--json]
     python benchmarks/bench_greedy.py --random-smollm          # SmolLM2-135M-sized random weights
 
 What it measures, all in one run on this machine:
@@ -49,6 +49,7 @@ from minipipe import blas  # noqa: E402
 from minipipe.config import load_config  # noqa: E402
 from minipipe.greedy import generate_greedy  # noqa: E402
 from minipipe.model import load_stage  # noqa: E402
+from minipipe.paths import resolve_model  # noqa: E402
 from minipipe.synthetic import make_random_checkpoint  # noqa: E402
 from minipipe.tokenizer import Tokenizer  # noqa: E402
 
@@ -193,8 +194,8 @@ def render(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", type=Path, help="checkpoint directory (Hugging Face Llama layout)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="checkpoint directory or model name (default: the shipped tinybard)")
     src.add_argument("--random-smollm", action="store_true",
                      help="benchmark a random checkpoint with SmolLM2-135M sizes, written to a temp directory")
     p.add_argument("--tokens", type=int, default=32, help="new tokens per run (default 32)")
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             model_dir = make_random_checkpoint(tmp / "random-smollm", seed=0, dtype="F32", **SMOLLM_LIKE)
             model_name = "random SmolLM2-135M-sized checkpoint (make_random_checkpoint, seed 0, F32)"
         else:
-            model_dir = args.model
+            model_dir = resolve_model(args.model)
             model_name = str(model_dir)
         config = load_config(model_dir)
         prompt = Tokenizer(model_dir, config.eos_ids).encode(args.prompt)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -87,6 +88,20 @@ def set_threads(n: int) -> bool:
         return False
     found[1](int(n))
     return True
+
+
+@contextmanager
+def threads(n: int):
+    """Run a block with `n` BLAS threads, then restore the previous count."""
+    before = get_threads()
+    if before is None or before == n:
+        yield
+        return
+    set_threads(n)
+    try:
+        yield
+    finally:
+        set_threads(before)
 
 
 if sys.platform.startswith("linux"):

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print a text timeline of the stages' work on stderr at the end")
     gen.add_argument("--json", action="store_true",
                      help='print one JSON object {"tokens": [...], "text": ..., "metrics": {...}} instead of streaming')
+    gen.add_argument("--threads", type=int, default=1, metavar="N",
+                     help="greedy: BLAS threads for the decode steps (default 1; prefill always uses 1 so the "
+                          "prompt's K/V match every other strategy's). Pipeline stages use one thread each")
     gen.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
 
     spec = gen.add_argument_group("speculation (speculative, tree, pipeinfer, specpipe)")
@@ -203,11 +206,18 @@ def _run_strategy(args, config, prompt_ids, eos_ids, on_token, show_progress):
     from .greedy import generate_greedy
     from .model import load_stage
 
+    if args.threads < 1:
+        raise InputError("--threads must be >= 1")
     if args.strategy == "greedy":
         if args.stages not in (None, 1) or args.split or args.trace or args.timeline:
             raise InputError("--stages, --split, --trace and --timeline need a pipelined --strategy")
+        from . import blas
+
         model = load_stage(args.model, progress=show_progress)
+        blas.set_threads(args.threads)
         return generate_greedy(model, prompt_ids, args.max_new_tokens, eos_ids, on_token=on_token)
+    if args.threads != 1:
+        raise InputError("--threads applies to --strategy greedy (pipeline stages use one BLAS thread each)")
 
     from .runtime import open_pipeline
     from .strategies import generate

@@ -16,8 +16,11 @@ single-row GEMV, and M changes which), so the kernels follow one policy, `row-ge
   (`prefill_chunks`): every strategy prefills the same prompt through the same calls, so the
   committed prompt KV is identical everywhere, while long prompts stay fast.
 
-One BLAS thread per process is the default (see `minipipe.blas`). `minipipe doctor` checks the
-policy on the running machine and measures what it costs against plain GEMM.
+One BLAS thread per process is the default (see `minipipe.blas`); prefill GEMMs always use one,
+because their bits depend on the thread count, while decode GEMVs may use more (`minipipe
+generate --threads`; `minipipe doctor` checks that GEMV bits do not depend on the thread count).
+`minipipe doctor` checks the policy on the running machine and measures what it costs against
+plain GEMM.
 
 Shapes use the glossary in `minipipe.config`.
 """
@@ -59,8 +62,13 @@ def linear_rows(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np
 
 
 def linear_prefill(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
-    """Batched linear layer for prompt chunks (GEMM; rows are NOT independent).  [T, IN] -> [T, OUT]"""
-    out = x @ w.T  # [T, IN] @ [IN, OUT] -> [T, OUT]
+    """Batched linear layer for prompt chunks (GEMM; rows are NOT independent).  [T, IN] -> [T, OUT]
+
+    Always one BLAS thread: OpenBLAS's GEMM gives other bits with other thread counts, and the
+    prompt's K/V must be the same in every process (GEMV, used for decode rows, does not vary).
+    """
+    with blas.threads(1):
+        out = x @ w.T  # [T, IN] @ [IN, OUT] -> [T, OUT]
     if b is not None:
         out += b
     return out

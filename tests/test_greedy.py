@@ -86,3 +86,27 @@ def test_bad_prompts(prompt, message):
     model = random_model(seed=0, **VARIANTS[0])
     with pytest.raises(InputError, match=message):
         generate_greedy(model, prompt, 4)
+
+
+def test_decode_threads_do_not_change_the_bits():
+    """--threads: decode GEMVs on 2 BLAS threads give the bits of 1 (prefill always uses 1)."""
+    from minipipe import blas
+
+    if not blas.info().controllable:
+        pytest.skip("BLAS thread count not controllable here")
+    model = random_model(seed=3, dim=512, ffn_dim=2048, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=4096)
+    prompt = list(range(3, 40))
+    runs = []
+    for threads in (1, 2):
+        blas.set_threads(threads)
+        try:
+            cache = model.new_cache()
+            from minipipe.greedy import prefill
+
+            logits = [prefill(model, cache, prompt)]
+            for i, t in enumerate((5, 9, 11)):
+                logits.append(model.forward(cache, Batch.chain([t], len(prompt) + i))[0])
+            runs.append(logits)
+        finally:
+            blas.set_threads(1)
+    assert all(np.array_equal(a, b) for a, b in zip(*runs))
