@@ -174,6 +174,11 @@ def render(r: dict) -> str:
     mp = r["minipipe"]["decode_tokens_per_s"]
     rows.append(("minipipe (NumPy, row-gemv kernels)", f"{r['minipipe']['blas_threads']} (BLAS)",
                  f"{mp:,.1f}", f"{100 * mp / bound:.1f}%", "1.00"))
+    if r.get("minipipe_all_threads"):
+        m2 = r["minipipe_all_threads"]
+        rows.append(("minipipe --threads (decode GEMVs)", f"{m2['blas_threads']} (BLAS)",
+                     f"{m2['decode_tokens_per_s']:,.1f}", f"{100 * m2['decode_tokens_per_s'] / bound:.1f}%",
+                     f"{mp / m2['decode_tokens_per_s']:.2f}"))
     for h in r.get("transformers") or []:
         rate = h["decode_tokens_per_s"]
         rows.append((f"transformers {r['transformers_version']} fp32 eager", f"{h['threads']} (torch)",
@@ -188,6 +193,9 @@ def render(r: dict) -> str:
         table.append(f"(transformers not measured: {r['transformers_skipped']})")
     if r.get("tokens_agree") is not None:
         table.append(f"greedy ids identical in minipipe and transformers: {r['tokens_agree']}")
+    if r.get("minipipe_all_threads"):
+        table.append(f"greedy ids identical with 1 and {r['minipipe_all_threads']['blas_threads']} BLAS threads: "
+                     f"{r['minipipe_all_threads']['same_tokens']}")
     return "\n".join(lines + [""] + table)
 
 
@@ -240,6 +248,14 @@ def main(argv: list[str] | None = None) -> int:
         bandwidth = measure_copy_bandwidth()
         bound = bandwidth["bytes_per_s"] / n_bytes
         mp = bench_minipipe(model, prompt, args.tokens, args.repeats)
+        mp_all = None
+        if (os.cpu_count() or 1) > 1 and blas.info().controllable:  # `generate --threads N`: decode GEMVs on every core
+            blas.set_threads(os.cpu_count())
+            try:
+                mp_all = bench_minipipe(model, prompt, args.tokens, args.repeats)
+            finally:
+                blas.set_threads(1)
+            mp_all["same_tokens"] = mp_all["tokens"] == mp["tokens"]
         del model
 
         hf_results = None
@@ -263,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         "last_level_cache_bytes": llc,
         "weights_fit_in_cache": llc is not None and n_bytes <= llc,
         "minipipe": mp,
+        "minipipe_all_threads": mp_all,
         "minipipe_fraction_of_bound": mp["decode_tokens_per_s"] / bound,
         "transformers": hf_results,
         "transformers_skipped": skipped,
