@@ -10,6 +10,8 @@ hidden size), plus a 64-byte header. For each transport, in one run on this mach
 * **throughput** — the parent streams records to a child that reads (and for the ring, consumes
   in place) as fast as it can; messages/s over the whole stream.
 * the limit: a plain in-process copy of the same bytes (`np.copyto`), no second process.
+* "ring+spin": the ring whose reader busy-waits 50 µs before sleeping (`Ring.create(spin=...)`;
+  the runtime's default is not to spin, see minipipe/transport/ring.py).
 
 Each transport moves the bytes the same way the pipeline does: the ring copies into shared
 memory and the reader reads in place; Queue and Pipe pickle (Queue also uses a feeder thread).
@@ -44,6 +46,7 @@ def _ring_echo(h_in, h_out, n):
 
 def _ring_sink(h_in, n, done):
     a = Ring.attach(h_in)
+    done.put("ready")
     for _ in range(n):
         a.read()
         a.consume()
@@ -56,6 +59,7 @@ def _queue_echo(q_in, q_out, n):
 
 
 def _queue_sink(q_in, n, done):
+    done.put("ready")
     for _ in range(n):
         q_in.get()
     done.put(time.perf_counter())
@@ -67,13 +71,14 @@ def _pipe_echo(conn, n):
 
 
 def _pipe_sink(conn, n, done):
+    done.put("ready")
     for _ in range(n):
         conn.recv_bytes()
     done.put(time.perf_counter())
 
 
-def ring_latency(record: np.ndarray, n: int) -> float:
-    r1, r2 = Ring.create(8 << 20, CTX), Ring.create(8 << 20, CTX)
+def ring_latency(record: np.ndarray, n: int, spin: float = 0.0) -> float:
+    r1, r2 = Ring.create(8 << 20, CTX, spin=spin), Ring.create(8 << 20, CTX, spin=spin)
     p = CTX.Process(target=_ring_echo, args=(r1.handle, r2.handle, n))
     p.start()
     trips = []
@@ -94,14 +99,14 @@ def ring_throughput(record: np.ndarray, n: int) -> float:
     done = CTX.Queue()
     p = CTX.Process(target=_ring_sink, args=(r.handle, n, done))
     p.start()
-    r.write([record])  # make sure the reader is attached and running
+    done.get()  # the reader is attached and running: start the clock
     t = time.perf_counter()
-    for _ in range(n - 1):
+    for _ in range(n):
         r.write([record])
     end = done.get()
     p.join()
     r.release()
-    return (n - 1) / (end - t)
+    return n / (end - t)
 
 
 def queue_latency(record: bytes, n: int) -> float:
@@ -122,13 +127,13 @@ def queue_throughput(record: bytes, n: int) -> float:
     q, done = CTX.Queue(), CTX.Queue()
     p = CTX.Process(target=_queue_sink, args=(q, n, done))
     p.start()
-    q.put(record)
+    done.get()
     t = time.perf_counter()
-    for _ in range(n - 1):
+    for _ in range(n):
         q.put(record)
     end = done.get()
     p.join()
-    return (n - 1) / (end - t)
+    return n / (end - t)
 
 
 def pipe_latency(record: bytes, n: int) -> float:
@@ -150,13 +155,13 @@ def pipe_throughput(record: bytes, n: int) -> float:
     done = CTX.Queue()
     p = CTX.Process(target=_pipe_sink, args=(b, n, done))
     p.start()
-    a.send_bytes(record)
+    done.get()
     t = time.perf_counter()
-    for _ in range(n - 1):
+    for _ in range(n):
         a.send_bytes(record)
     end = done.get()
     p.join()
-    return (n - 1) / (end - t)
+    return n / (end - t)
 
 
 def copy_time(record: np.ndarray, n: int) -> float:
@@ -182,6 +187,7 @@ def main() -> None:
         row = {
             "rows": rows, "bytes": record.nbytes,
             "ring_latency_us": ring_latency(record, n) * 1e6, "ring_msgs_per_s": ring_throughput(record, n),
+            "ring_spin_latency_us": ring_latency(record, n, spin=50e-6) * 1e6,
             "pipe_latency_us": pipe_latency(raw, n) * 1e6, "pipe_msgs_per_s": pipe_throughput(raw, n),
             "queue_latency_us": queue_latency(raw, n) * 1e6, "queue_msgs_per_s": queue_throughput(raw, n),
             "memcpy_us": copy_time(record, n * 10) * 1e6,
@@ -191,11 +197,12 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows_out, indent=2))
         return
-    print(f"{'record':>16} | {'one-way latency (µs, median)':^38} | {'messages/s (streaming)':^46}")
-    print(f"{'':>16} | {'ring':>8} {'Pipe':>8} {'Queue':>8} {'memcpy':>10} | "
+    print(f"{'record':>16} | {'one-way latency (µs, median)':^47} | {'messages/s (streaming)':^46}")
+    print(f"{'':>16} | {'ring':>8} {'ring+spin':>9} {'Pipe':>8} {'Queue':>8} {'memcpy':>10} | "
           f"{'ring':>10} {'Pipe':>10} {'Queue':>10} {'memcpy':>12}")
     for r in rows_out:
-        print(f"{r['rows']:>3} rows {r['bytes']:>6} B | {r['ring_latency_us']:>8.1f} {r['pipe_latency_us']:>8.1f} "
+        print(f"{r['rows']:>3} rows {r['bytes']:>6} B | {r['ring_latency_us']:>8.1f} {r['ring_spin_latency_us']:>9.1f} "
+              f"{r['pipe_latency_us']:>8.1f} "
               f"{r['queue_latency_us']:>8.1f} {r['memcpy_us']:>10.2f} | {r['ring_msgs_per_s']:>10.0f} "
               f"{r['pipe_msgs_per_s']:>10.0f} {r['queue_msgs_per_s']:>10.0f} {r['memcpy_msgs_per_s']:>12.0f}")
     print("ratios (ring vs): " + ", ".join(

@@ -35,7 +35,7 @@ from ..trace import Tracer
 from ..transport.cancel import CancelHandle, CancelMap
 from ..transport.messages import (Cancelled, CorruptMessage, KVCopy, KVEdits, KVRemove, Ready, Result, Run, Shutdown,
                                   StageFailed, TraceEvents, decode, encode)
-from ..transport.ring import PeerDied, Ring, RingClosed, RingHandle
+from ..transport.ring import SPIN_S, PeerDied, Ring, RingClosed, RingHandle
 from .base import Pipeline, StageCrashed, split_layers
 
 POLL_S = 0.2  # how often a waiting head checks that every stage is alive
@@ -139,7 +139,7 @@ class ProcessPipeline(Pipeline):
 
     def __init__(self, model_dir, n_stages: int | None = None, split: list[int] | None = None, n_seqs: int = 1,
                  ring_bytes: int | None = None, blas_threads: int = 1, tracer: Tracer | None = None,
-                 start_timeout: float = 120.0, cache_cells: int = 256):
+                 start_timeout: float = 120.0, cache_cells: int = 256, spin: float | None = None):
         config = load_config(model_dir)
         self.splits = split_layers(config.n_layers, n_stages, split)
         self.tracer = tracer if tracer is not None else Tracer(enabled=False)
@@ -153,7 +153,8 @@ class ProcessPipeline(Pipeline):
         capacity = ring_bytes or max(8 << 20, 4 * 256 * row_bytes)
         ctx = mp.get_context("spawn")
         try:
-            self.rings = [Ring.create(capacity, ctx, tag=f"ring{i}") for i in range(self.n_stages + 1)]
+            spin = SPIN_S if spin is None else spin
+            self.rings = [Ring.create(capacity, ctx, tag=f"ring{i}", spin=spin) for i in range(self.n_stages + 1)]
             self.cancels = CancelMap.create()
             self.rings[0].set_writer(os.getpid())
             self.rings[-1].set_reader(os.getpid())

@@ -38,10 +38,14 @@ Protocol (CPython promises no memory ordering between processes, so both sides f
     reader: wait on `items`  ->  load W  ->  fence  ->  read payload  ->  fence  ->  store R
 
 The fence is an uncontended lock acquire + release, which executes a full memory barrier (a
-locked instruction on x86; glibc's mutex barriers on Arm). Waiting never burns a core: the
-reader sleeps on a POSIX semaphore (`items`, one post per record) with a timeout, and between
-timeouts checks that the writer is alive; the writer, when the ring is full (rare: rings are
-sized for many messages), polls with a back-off from 20 µs to 1 ms and checks the reader.
+locked instruction on x86; glibc's mutex barriers on Arm). Waiting does not burn a core: a
+reader that finds the ring empty may first busy-wait for `spin` seconds (0 by default: on the
+2-core development machine the stages need every cycle; a 50 µs spin cuts a ping-pong's
+one-way latency from ~85 µs to ~8 µs on an idle machine, see benchmarks/bench_ring.py, but did
+not speed up real pipelines there), then sleeps on a POSIX semaphore (`items`, one post per
+record) with a timeout, checking between timeouts that the writer is alive; the writer,
+when the ring is full (rare: rings are sized for many messages), polls with a back-off from
+20 µs to 1 ms and checks the reader.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from ..errors import MinipipeError
 from . import shm
 
 HEADER_BYTES = 256
+SPIN_S = 0.0  # default busy wait of a reader before it sleeps (see the module docstring)
 PAD = np.uint64(2**64 - 1)
 _W, _R, _CLOSED, _WRITER_PID, _READER_PID = 0, 8, 16, 24, 25  # uint64 indices into the header
 
@@ -94,32 +99,36 @@ class RingHandle:
     name: str
     capacity: int
     items: Any  # multiprocessing semaphore: one post per published record
+    spin: float = SPIN_S  # the reader's busy wait before sleeping, seconds
 
 
 class Ring:
     """One end (or both, in tests) of a ring. Create with `Ring.create`, attach with `Ring.attach`."""
 
-    def __init__(self, segment, capacity: int, items, owner: bool):
-        self.segment, self.capacity, self.items, self.owner = segment, capacity, items, owner
+    def __init__(self, segment, capacity: int, items, owner: bool, spin: float = SPIN_S):
+        self.segment, self.capacity, self.items, self.owner, self.spin = segment, capacity, items, owner, spin
         self._header = np.ndarray((HEADER_BYTES // 8,), dtype=np.uint64, buffer=segment.buf)
         self._data = segment.buf[HEADER_BYTES: HEADER_BYTES + capacity]
         self._reading: int | None = None  # size of the record being read, until consume()
 
     @classmethod
-    def create(cls, capacity: int, ctx, tag: str = "ring") -> "Ring":
-        """A new ring of `capacity` data bytes (rounded up to 8); `ctx` is a multiprocessing context."""
+    def create(cls, capacity: int, ctx, tag: str = "ring", spin: float = SPIN_S) -> "Ring":
+        """A new ring of `capacity` data bytes (rounded up to 8); `ctx` is a multiprocessing context;
+        `spin` is how long its reader busy-waits before sleeping (0: never)."""
         capacity = (capacity + 7) // 8 * 8
         segment = shm.create(HEADER_BYTES + capacity, tag)
-        segment.buf[:HEADER_BYTES] = bytes(HEADER_BYTES)
-        return cls(segment, capacity, ctx.Semaphore(0), owner=True)
+        # write every page now: the kernel allocates and zeroes shared memory on first touch,
+        # which would otherwise cost the first pass of records several µs per page
+        np.ndarray((HEADER_BYTES + capacity,), dtype=np.uint8, buffer=segment.buf)[:] = 0
+        return cls(segment, capacity, ctx.Semaphore(0), owner=True, spin=spin)
 
     @classmethod
     def attach(cls, handle: RingHandle) -> "Ring":
-        return cls(shm.attach(handle.name), handle.capacity, handle.items, owner=False)
+        return cls(shm.attach(handle.name), handle.capacity, handle.items, owner=False, spin=handle.spin)
 
     @property
     def handle(self) -> RingHandle:
-        return RingHandle(self.segment.name, self.capacity, self.items)
+        return RingHandle(self.segment.name, self.capacity, self.items, self.spin)
 
     def set_writer(self, pid: int) -> None:
         self._header[_WRITER_PID] = pid
@@ -180,6 +189,10 @@ class Ring:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             r = int(self._header[_R])
+            if self.spin and int(self._header[_W]) == r:  # a short busy wait first
+                until = time.perf_counter() + self.spin
+                while int(self._header[_W]) == r and time.perf_counter() < until:
+                    pass
             if int(self._header[_W]) == r:
                 wait = poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic()))
                 if self.items.acquire(timeout=wait):
