@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -39,12 +38,12 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
+from common import cpu_name, progress  # noqa: E402
 from minipipe import blas  # noqa: E402
 from minipipe.config import load_config  # noqa: E402
 from minipipe.greedy import generate_greedy  # noqa: E402
@@ -57,9 +56,6 @@ SMOLLM_LIKE = dict(dim=576, ffn_dim=1536, n_layers=30, n_heads=9, n_kv_heads=3, 
                    tie_embeddings=True, max_positions=2048, rope_theta=100000.0)
 COPY_MB = 256
 
-
-def progress(iterable, desc: str, **kw):
-    return tqdm(iterable, desc=desc, file=sys.stderr, leave=False, **kw)
 
 
 def last_level_cache_bytes() -> int | None:
@@ -136,16 +132,6 @@ def bench_transformers(model_dir: Path, prompt: list[int], n_tokens: int, repeat
                         "decode_tokens_per_s": (n_tokens - 1) / (t_n - t_1) if t_n > t_1 else None,
                         "tokens": tokens})
     return results
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def fmt_bytes(n: float) -> str:

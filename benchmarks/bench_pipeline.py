@@ -59,7 +59,6 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -68,6 +67,7 @@ for _p in (str(REPO), str(HERE)):  # run as a script from anywhere; bench_ring f
         sys.path.insert(0, _p)
 
 import bench_ring  # noqa: E402
+from common import cpu_name, progress  # noqa: E402
 from minipipe import blas  # noqa: E402
 from minipipe.batch import Batch  # noqa: E402
 from minipipe.config import load_config  # noqa: E402
@@ -84,9 +84,6 @@ from minipipe.transport.messages import Run, encode  # noqa: E402
 DEV_MODEL = REPO.parent / "shared" / "models" / "stories260k"  # used while the shipped model is absent
 SMOLLM = "smollm2-135m"
 
-
-def progress(iterable, desc: str, **kw):
-    return tqdm(iterable, desc=desc, file=sys.stderr, leave=False, **kw)
 
 
 def default_model() -> tuple[Path, str | None]:
@@ -326,15 +323,6 @@ def render(report: dict) -> str:
         parts += ["", render_model(m)]
     return "\n".join(parts)
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,13 +74,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
+from common import cpu_name, progress  # noqa: E402
 from minipipe import blas  # noqa: E402
 from minipipe.config import load_config  # noqa: E402
 from minipipe.doctor import time_forward  # noqa: E402
@@ -103,9 +103,6 @@ SHARED = REPO.parent / "shared" / "models"
 CACHE_CELLS = inspect.signature(ProcessPipeline.__init__).parameters["cache_cells"].default  # a stage's KV cells
 DEV_PAIR = (SHARED / "stories260k", SHARED / "stories260k-draft")  # while the shipped pair is absent
 
-
-def progress(iterable, desc: str, **kw):
-    return tqdm(iterable, desc=desc, file=sys.stderr, leave=False, **kw)
 
 
 def parse_list(text: str, kind=float) -> list:
@@ -607,15 +604,6 @@ def render(r: dict) -> str:
     lines += [""] + [f"note    {n}" for n in r["notes"]]
     return "\n".join(lines)
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minipipe.batch import Batch  # noqa: E402
 from minipipe.draft import DraftModel  # noqa: E402
 from minipipe.greedy import generate_greedy, prefill  # noqa: E402
 from minipipe.kernels import argmax_rows  # noqa: E402

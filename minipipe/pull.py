@@ -368,18 +368,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m minipipe.pull` (the same command as `minipipe pull`, before it is wired in)."""
-    parser = argparse.ArgumentParser(prog="minipipe")
-    add_pull_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["pull", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return cmd_pull(args)
-    except MinipipeError as e:
-        print(f"minipipe: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nminipipe: interrupted", file=sys.stderr)
-        return 130
+    """`python -m minipipe.pull ...` is `minipipe pull ...`."""
+    from .cli import main as cli_main
+
+    return cli_main(["pull", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from minipipe.kvcache import KVCache
 from minipipe.multibuffer import KVMultiBuffer
-from minipipe.transport.messages import KVCopy, KVRemove
+from minipipe.transport.messages import KVRemove
 
 N_PARTITIONS, WIDTH, MAX_POS = 3, 2, 8
 positions = st.integers(0, MAX_POS)

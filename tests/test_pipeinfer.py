@@ -8,45 +8,22 @@ always right; knobs, branch counts and stage counts are drawn too.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 from hypothesis import event, given, settings, strategies as st
 
-from minipipe.draft import DraftModel, NgramDraft, OracleDraft
+from minipipe.draft import DraftModel
 from minipipe.greedy import generate_greedy
-from minipipe.runtime import LocalPipeline, RandomChooser, open_pipeline, split_layers
+from minipipe.runtime import LocalPipeline, RandomChooser, open_pipeline
 from minipipe.strategies import PipeInferStrategy, generate
-from minipipe.synthetic import make_random_checkpoint, random_model
+from minipipe.synthetic import make_random_checkpoint
 
 from .conftest import shared_model
+from .random_pairs import RandomPair
 from .test_runtime import DrawChooser, assert_no_leaks
 
 TARGET = dict(dim=32, ffn_dim=48, n_layers=6, n_heads=4, n_kv_heads=2, vocab_size=23, max_positions=96)
 DRAFT = dict(dim=16, ffn_dim=24, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=23, max_positions=96)
-
-
-@lru_cache(maxsize=None)
-def stage_models(seed: int, n_stages: int):
-    return [random_model(seed=seed, lo=lo, hi=hi, **TARGET) for lo, hi in split_layers(6, n_stages)]
-
-
-@lru_cache(maxsize=None)
-def truth(seed: int, prompt: tuple[int, ...], n: int) -> list[int]:
-    return generate_greedy(random_model(seed=seed, **TARGET), list(prompt), n).tokens
-
-
-@lru_cache(maxsize=None)
-def draft_model(seed: int):
-    return random_model(seed=200 + seed, **DRAFT)
-
-
-def make_draft(kind: str, seed: int, prompt, n: int):
-    if kind == "model":
-        return DraftModel(draft_model(seed))
-    if kind == "ngram":
-        return NgramDraft()
-    p = {"never": 0.0, "always": 1.0, "half": 0.5, "mostly": 0.85}[kind]
-    return OracleDraft(truth(seed, prompt, n) + [0] * 20, p, TARGET["vocab_size"], seed=seed)
+PAIR = RandomPair(TARGET, DRAFT, draft_seed=200)
+stage_models, truth, make_draft = PAIR.stage_models, PAIR.truth, PAIR.make_draft
 
 
 @given(data=st.data())

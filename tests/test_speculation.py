@@ -8,49 +8,26 @@ process runtime.
 
 from __future__ import annotations
 
-from functools import lru_cache
 
 import numpy as np
-import pytest
 from hypothesis import given, settings, strategies as st
 
 from minipipe.draft import DraftModel, NgramDraft, OracleDraft
 from minipipe.greedy import generate_greedy
 from minipipe.metrics import SpeculationStats
-from minipipe.runtime import LocalPipeline, open_pipeline, split_layers
+from minipipe.runtime import LocalPipeline, open_pipeline
 from minipipe.strategies import SpeculativeStrategy, TreeStrategy, generate
-from minipipe.synthetic import make_random_checkpoint, random_model
+from minipipe.synthetic import make_random_checkpoint
 from minipipe.tree import TokenTree
 
 from .conftest import shared_model
+from .random_pairs import RandomPair
 from .test_runtime import DrawChooser, assert_no_leaks
 
 TARGET = dict(dim=32, ffn_dim=48, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=29, max_positions=80)
 DRAFT = dict(dim=16, ffn_dim=24, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=29, max_positions=80)
-
-
-@lru_cache(maxsize=None)
-def stage_models(seed: int, n_stages: int):
-    return [random_model(seed=seed, lo=lo, hi=hi, **TARGET) for lo, hi in split_layers(4, n_stages)]
-
-
-@lru_cache(maxsize=None)
-def truth(seed: int, prompt: tuple[int, ...], n: int) -> list[int]:
-    return generate_greedy(random_model(seed=seed, **TARGET), list(prompt), n).tokens
-
-
-@lru_cache(maxsize=None)
-def draft_model(seed: int):
-    return random_model(seed=100 + seed, **DRAFT)
-
-
-def make_draft(kind: str, seed: int, prompt, n: int):
-    if kind == "model":
-        return DraftModel(draft_model(seed))
-    if kind == "ngram":
-        return NgramDraft()
-    p = {"never": 0.0, "always": 1.0, "half": 0.5}[kind]
-    return OracleDraft(truth(seed, prompt, n) + [0] * 8, p, TARGET["vocab_size"], seed=seed)
+PAIR = RandomPair(TARGET, DRAFT, draft_seed=100)
+stage_models, truth, make_draft = PAIR.stage_models, PAIR.truth, PAIR.make_draft
 
 
 schedules = st.lists(st.integers(1, 3), min_size=1, max_size=5)
@@ -162,7 +139,7 @@ def test_oracle_acceptance_is_controlled():
 
 
 def test_draft_model_reuses_its_cache_exactly():
-    model = draft_model(0)
+    model = PAIR.draft_model(0)
     reused = DraftModel(model)
     contexts = [[1, 2, 3], [1, 2, 3, 4, 5], [1, 2, 9], [1, 2, 9, 4], [1, 2, 3, 4, 5, 6]]
     for ctx in contexts:
