@@ -54,7 +54,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -124,30 +123,7 @@ def ring_one_way(dim: int, n_messages: int, idle_s: float) -> dict:
     return {"record_bytes": int(record.nbytes), "messages": n_messages,
             "one_way_us": bench_ring.ring_latency(record, n_messages) * 1e6,
             "idle_s": idle_s, "idle_messages": n_idle,
-            "one_way_after_idle_us": ring_latency_after_idle(record, n_idle, idle_s) * 1e6}
-
-
-def ring_latency_after_idle(record: np.ndarray, n: int, idle_s: float) -> float:
-    """`bench_ring.ring_latency`, with the sender busy for `idle_s` before each ping (median one-way)."""
-    r1, r2 = bench_ring.Ring.create(8 << 20, bench_ring.CTX), bench_ring.Ring.create(8 << 20, bench_ring.CTX)
-    p = bench_ring.CTX.Process(target=bench_ring._ring_echo, args=(r1.handle, r2.handle, n))
-    p.start()
-    trips = []
-    try:
-        for _ in range(n):
-            busy_until = time.perf_counter() + idle_s
-            while time.perf_counter() < busy_until:  # compute, as another stage would: the echo sleeps
-                pass
-            t = time.perf_counter()
-            r1.write([record])
-            r2.read()
-            r2.consume()
-            trips.append(time.perf_counter() - t)
-        p.join()
-    finally:
-        r1.release()
-        r2.release()
-    return statistics.median(trips[n // 10:]) / 2
+            "one_way_after_idle_us": bench_ring.ring_latency(record, n_idle, idle_s=idle_s) * 1e6}
 
 
 def summarise_run(gens: list) -> dict:

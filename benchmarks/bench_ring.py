@@ -77,20 +77,27 @@ def _pipe_sink(conn, n, done):
     done.put(time.perf_counter())
 
 
-def ring_latency(record: np.ndarray, n: int, spin: float = 0.0) -> float:
+def ring_latency(record: np.ndarray, n: int, spin: float = 0.0, idle_s: float = 0.0) -> float:
+    """Median one-way latency of ping-pongs; with `idle_s`, the sender computes that long before
+    each ping, so the echoing reader has slept (as a stage sleeps while the others work)."""
     r1, r2 = Ring.create(8 << 20, CTX, spin=spin), Ring.create(8 << 20, CTX, spin=spin)
     p = CTX.Process(target=_ring_echo, args=(r1.handle, r2.handle, n))
     p.start()
     trips = []
-    for _ in range(n):
-        t = time.perf_counter()
-        r1.write([record])
-        r2.read()
-        r2.consume()
-        trips.append(time.perf_counter() - t)
-    p.join()
-    r1.release()
-    r2.release()
+    try:
+        for _ in range(n):
+            busy_until = time.perf_counter() + idle_s
+            while time.perf_counter() < busy_until:  # compute, as another stage would
+                pass
+            t = time.perf_counter()
+            r1.write([record])
+            r2.read()
+            r2.consume()
+            trips.append(time.perf_counter() - t)
+        p.join()
+    finally:
+        r1.release()
+        r2.release()
     return statistics.median(trips[n // 10:]) / 2
 
 

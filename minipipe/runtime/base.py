@@ -11,6 +11,7 @@ its input in order.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 
 from ..errors import InputError, MinipipeError
@@ -86,8 +87,6 @@ class Pipeline(ABC):
 
     def now(self) -> float:
         """The head's clock (seconds; virtual in the local runtime)."""
-        import time
-
         return time.perf_counter()
 
     def mark(self, name: str, kind: str, run_id: int | None = None) -> None:
