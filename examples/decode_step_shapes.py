@@ -68,7 +68,7 @@ def main() -> None:
         k = kernels.apply_rope(qkv[:, H * HD: (H + KVH) * HD].reshape(1, KVH, HD), cos, sin)
         v = qkv[:, (H + KVH) * HD:].reshape(1, KVH, HD)
         cache.write(layer, cells, k, v)
-        keys, values = cache.keys_values(layer, visible)
+        keys, values = cache.gather(layer, visible)
         out = kernels.attend(q[0].reshape(KVH, G, HD), keys, values, model.scale)
         attn = out.reshape(1, H * HD)
         x = x + kernels.linear_rows(attn, lw.wo, lw.bo)

@@ -16,6 +16,27 @@ single-row GEMV, and M changes which), so the kernels follow one policy, `row-ge
   (`prefill_chunks`): every strategy prefills the same prompt through the same calls, so the
   committed prompt KV is identical everywhere, while long prompts stay fast.
 
+**One canonical layout for every BLAS call.** BLAS results depend on more than the values:
+the memory layout of the operands picks the code path (a strided view and a gathered copy of
+the same keys took different OpenBLAS kernels and gave different bits, with one query head per
+KV head and head_dim 4), and some BLAS libraries (MKL without its reproducibility mode) change
+summation order with the alignment of the data. So every operand a decode-path BLAS call sees
+is put into one layout that depends only on its shape, never on the batch, the order of the
+cache's cells or the cache's history:
+
+    GEMV rows     each input row and each output row is C-contiguous and starts on a
+                  64-byte boundary (`row_slots`: one aligned slot per row)
+    attention     q [KVH, G, HD], the gathered keys and values [KVH, N, HD], the scores
+                  and the probabilities [KVH, G, N]: C-contiguous, 64-byte aligned,
+                  freshly gathered (`canonical`, `KVCache.gather`), never views of the cache
+    weights       C-contiguous; a float32 checkpoint is mapped as it lies in the file (the
+                  same offsets in every process), everything converted or fused is 64-byte
+                  aligned (`aligned_empty`)
+
+`minipipe doctor` checks on the running machine that these layouts give the same bits whatever
+the batch, and shows which other layouts (slices of the cache, misaligned or strided copies)
+would not.
+
 One BLAS thread per process is the default (see `minipipe.blas`); prefill GEMMs always use one,
 because their bits depend on the thread count, while decode GEMVs may use more (`minipipe
 generate --threads`; `minipipe doctor` checks that GEMV bits do not depend on the thread count).
@@ -50,12 +71,50 @@ def prefill_chunks(n_tokens: int, chunk: int = PREFILL_CHUNK) -> list[tuple[int,
 # linear layers
 
 
+ALIGN_BYTES = 64  # every canonical BLAS operand starts on a 64-byte boundary (a cache line)
+
+
+def aligned_empty(shape, dtype=f32) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on a 64-byte boundary."""
+    dtype = np.dtype(dtype)
+    n_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(n_bytes + ALIGN_BYTES, dtype=np.uint8)
+    start = -raw.ctypes.data % ALIGN_BYTES
+    return raw[start: start + n_bytes].view(dtype).reshape(shape)
+
+
+def is_canonical(a: np.ndarray) -> bool:
+    """C-contiguous float32 starting on a 64-byte boundary."""
+    return a.dtype == f32 and a.flags.c_contiguous and a.ctypes.data % ALIGN_BYTES == 0
+
+
+def canonical(a: np.ndarray) -> np.ndarray:
+    """`a` itself if it is canonical, else a canonical copy (same values, same shape)."""
+    if is_canonical(a):
+        return a
+    out = aligned_empty(a.shape)
+    out[...] = a
+    return out
+
+
+def row_slots(n_rows: int, n_cols: int) -> np.ndarray:
+    """A [n_rows, n_cols] float32 view whose every row is contiguous and 64-byte aligned
+    (rows are padded to a multiple of 16 floats).  -> [n_rows, n_cols]"""
+    stride = -(-n_cols // (ALIGN_BYTES // 4)) * (ALIGN_BYTES // 4)  # floats per padded row
+    return aligned_empty((n_rows, stride))[:, :n_cols]
+
+
 def linear_rows(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
-    """Batch-invariant linear layer: one GEMV per row.  [T, IN] -> [T, OUT]"""
+    """Batch-invariant linear layer: one GEMV per row, each row in its own aligned slot.
+
+    [T, IN] -> [T, OUT] (a view of aligned row slots: contiguous rows, padded between them)
+    """
     T = x.shape[0]
-    out = np.empty((T, w.shape[0]), dtype=f32)  # [T, OUT]
+    rows = row_slots(T, x.shape[1])  # [T, IN]
+    rows[...] = x
+    out = row_slots(T, w.shape[0])  # [T, OUT]
     for i in range(T):
-        np.matmul(w, x[i], out=out[i])  # [OUT, IN] @ [IN] -> [OUT]
+        np.matmul(w, rows[i], out=out[i])  # [OUT, IN] @ [IN] -> [OUT]
     if b is not None:
         out += b
     return out
@@ -148,9 +207,19 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndar
     q: [KVH, G, HD] (the query's heads, grouped by the KV head they read)
     k, v: [KVH, N, HD] (the N visible cells)
     returns [KVH, G, HD]
+
+    Both products run on canonical operands (see the module docstring), so the bits depend on
+    the values and the shapes only.
     """
-    scores = np.matmul(q, k.transpose(0, 2, 1)) * f32(scale)  # [KVH, G, HD] @ [KVH, HD, N] -> [KVH, G, N]
-    return np.matmul(softmax(scores), v)  # [KVH, G, N] @ [KVH, N, HD] -> [KVH, G, HD]
+    KVH, G, HD = q.shape
+    N = k.shape[1]
+    q, k, v = canonical(q), canonical(k), canonical(v)
+    scores = aligned_empty((KVH, G, N))
+    np.matmul(q, k.transpose(0, 2, 1), out=scores)  # [KVH, G, HD] @ [KVH, HD, N] -> [KVH, G, N]
+    probs = canonical(softmax(scores * f32(scale)))  # [KVH, G, N]
+    out = aligned_empty((KVH, G, HD))
+    np.matmul(probs, v, out=out)  # [KVH, G, N] @ [KVH, N, HD] -> [KVH, G, HD]
+    return out
 
 
 def argmax_rows(logits: np.ndarray) -> np.ndarray:

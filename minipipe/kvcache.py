@@ -37,6 +37,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from . import kernels
 from .errors import KVCacheError
 
 INF = np.iinfo(np.int64).max
@@ -74,12 +75,11 @@ class KVCache:
         return [(int(j), int(self.cell_pos[j]), tuple(int(s) for s in np.flatnonzero(self.cell_seqs[j])))
                 for j in used]
 
-    def visible(self, seq_ids: Iterable[int], pos: int) -> np.ndarray | slice:
-        """Cells a row of sequences `seq_ids` at position `pos` attends to, ascending position.
+    def visible(self, seq_ids: Iterable[int], pos: int) -> np.ndarray:
+        """Cells a row of sequences `seq_ids` at position `pos` attends to, ascending position.  -> [N]
 
         The row's sequences must agree on the history: seeing two cells at one position is an
-        error. Returns a slice when those cells are a contiguous increasing block (the common case in
-        plain decoding: no gather copy is needed), else an index array.
+        error.
         """
         seqs = [self._seq(s) for s in seq_ids]
         mask = self.cell_seqs[:, seqs].any(axis=1) & (self.cell_pos <= pos)  # [C]
@@ -89,14 +89,20 @@ class KVCache:
         if np.any(pos_seen[1:] == pos_seen[:-1]):
             raise KVCacheError(f"a row of sequences {sorted(seqs)} would see two cells at one position: "
                                "its sequences disagree about the history")
-        n = idx.shape[0]
-        if n and idx[-1] - idx[0] == n - 1 and (n == 1 or np.all(idx[1:] > idx[:-1])):
-            return slice(int(idx[0]), int(idx[0]) + n)
         return idx
 
-    def keys_values(self, layer: int, cells: np.ndarray | slice) -> tuple[np.ndarray, np.ndarray]:
-        """K and V of `cells` for one layer.  -> [KVH, N, HD] each"""
-        return self.k[layer][:, cells, :], self.v[layer][:, cells, :]
+    def gather(self, layer: int, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """K and V of `cells` for one layer, copied into fresh canonical arrays.  -> [KVH, N, HD] each
+
+        Always a copy, never a view of the cache: a view's strides would depend on the cache's
+        capacity and on where the cells happen to lie, and BLAS may round differently for other
+        layouts (the exactness policy in `minipipe.kernels`).
+        """
+        shape = (self.n_kv_heads, len(cells), self.head_dim)
+        k, v = kernels.aligned_empty(shape), kernels.aligned_empty(shape)
+        np.take(self.k[layer], cells, axis=1, out=k, mode="clip")  # indices are valid: no bounds pass
+        np.take(self.v[layer], cells, axis=1, out=v, mode="clip")
+        return k, v
 
     # ------------------------------------------------------------------------------------------
     # edits

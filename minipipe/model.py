@@ -133,7 +133,7 @@ class StageModel:
         cache.write(layer, cells, k, v)
         attn = np.empty((T, H * HD), dtype=np.float32)  # [T, H·HD]
         for i in range(T):  # one query at a time, over exactly its visible cells
-            keys, values = cache.keys_values(layer, visible[i])  # [KVH, N, HD] each
+            keys, values = cache.gather(layer, visible[i])  # [KVH, N, HD] each, canonical copies
             attn[i] = kernels.attend(q[i].reshape(KVH, G, HD), keys, values, self.scale).reshape(H * HD)
         x = x + linear(attn, lw.wo, lw.bo)  # [T, H·HD] -> [T, D]
 
@@ -151,7 +151,7 @@ class ForwardState:
     cache: KVCache
     x: np.ndarray  # [T, D]  hidden states after `layer` layers
     cells: np.ndarray  # [T]  the rows' cache cells
-    visible: list  # per row: the cells it attends to (slice or index array)
+    visible: list  # per row: the cells it attends to, ascending position ([N] cell ids)
     cos: np.ndarray  # [T, HD/2]
     sin: np.ndarray  # [T, HD/2]
     n_layers: int

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from minipipe import kernels
 from minipipe.errors import KVCacheError
 from minipipe.kvcache import KVCache
 
@@ -98,7 +99,7 @@ class KVCacheRules(RuleBasedStateMachine):
             with pytest.raises(KVCacheError):
                 self.cache.visible(row_seqs, pos)
             return
-        keys, values = self.cache.keys_values(layer, self.cache.visible(row_seqs, pos))  # [KVH, N, HD]
+        keys, values = self.cache.gather(layer, self.cache.visible(row_seqs, pos))  # [KVH, N, HD]
         expected = np.array(expected_tags, dtype=np.float32)
         assert np.array_equal(keys[0, :, 0], expected + layer)
         assert np.array_equal(values[0, :, 1], expected - layer)
@@ -121,13 +122,25 @@ TestKVCache = KVCacheRules.TestCase
 TestKVCache.settings = settings(stateful_step_count=30)  # examples: from the loaded profile
 
 
-def test_greedy_layout_is_a_slice():
-    """Plain decoding of sequence 0 sees a contiguous block of cells: no gather copy."""
-    cache = KVCache(1, 1, 2)
+def test_gather_is_canonical_whatever_the_cell_layout():
+    """The same visible keys give the same canonical arrays (C-contiguous, 64-byte aligned),
+    whether the cells are a contiguous block or scattered after other sequences' cells."""
+    block, scattered = KVCache(2, 3, 4, n_seqs=2), KVCache(2, 3, 4, n_seqs=2, capacity=3)
+    rng = np.random.default_rng(0)
+    k, v = rng.standard_normal((2, 5, 3, 4)).astype(np.float32), rng.standard_normal((2, 5, 3, 4)).astype(np.float32)
     for p in range(5):
-        cache.alloc(np.array([p]), [(0,)])
-    assert cache.visible([0], 4) == slice(0, 5)
-    assert cache.visible([0], 2) == slice(0, 3)
+        for cache in (block, scattered):
+            if cache is scattered:  # another sequence's cell first: sequence 0's cells are not a block
+                cache.alloc(np.array([p]), [(1,)])
+            cells = cache.alloc(np.array([p]), [(0,)])
+            for layer in range(2):
+                cache.write(layer, cells, k[layer, p][None], v[layer, p][None])
+    a, b = block.visible([0], 4), scattered.visible([0], 4)
+    assert a.tolist() == [0, 1, 2, 3, 4] and b.tolist() != a.tolist()
+    for layer in range(2):
+        for x, y in zip(block.gather(layer, a), scattered.gather(layer, b)):
+            assert kernels.is_canonical(x) and kernels.is_canonical(y)
+            assert x.shape == y.shape == (3, 5, 4) and np.array_equal(x, y)
 
 
 def test_pool_grows_and_keeps_kv():
@@ -136,7 +149,7 @@ def test_pool_grows_and_keeps_kv():
     cache.write(0, cells, np.ones((3, 1, 2), np.float32) * np.arange(3)[:, None, None], np.zeros((3, 1, 2), np.float32))
     cache.alloc(np.arange(3, 9), [(0,)] * 6)
     assert cache.capacity >= 9
-    keys, _ = cache.keys_values(0, cache.visible([0], 2))
+    keys, _ = cache.gather(0, cache.visible([0], 2))
     assert keys[0, :, 0].tolist() == [0, 1, 2]
 
 

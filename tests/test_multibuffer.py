@@ -117,7 +117,7 @@ class MultiBufferRules(RuleBasedStateMachine):
     @invariant()
     def every_sequence_sees_the_model_rows(self):
         for seq, view in self.seen.items():
-            keys, _ = self.cache.keys_values(0, self.cache.visible([seq], MAX_POS))
+            keys, _ = self.cache.gather(0, self.cache.visible([seq], MAX_POS))
             assert keys[0, :, 0].astype(int).tolist() == [view[p] for p in sorted(view)], f"sequence {seq}"
 
     @invariant()
