@@ -192,7 +192,11 @@ def read_json(path: Path, what: str) -> dict:
         raise CheckpointError(f"{what} not found: {path}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except OSError as e:
+        raise CheckpointError(f"{what} cannot be read: {path} ({e.strerror or e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} is not valid JSON (nested too deeply)") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError; so is a 5000-digit int
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
 
 

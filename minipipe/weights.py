@@ -21,6 +21,7 @@ row costs four matrix-vector products per layer instead of seven. Weights stay i
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,52 +31,200 @@ import numpy as np
 from .config import ModelConfig, read_json
 from .errors import CheckpointError
 
-_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}  # the dtypes minipipe reads
+
+# Bytes per element of every whole-byte dtype of the safetensors format. A tensor of one of these
+# dtypes is size-checked when its file is opened even if minipipe cannot read it (an unused I64
+# buffer, say); a dtype absent here (a sub-byte F4, a future type) is checked when it is read.
+_ITEMSIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+              "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
+MAX_DIMS = 32  # NumPy 1.x's limit; real checkpoints use 1 or 2
+_MAX_EXTENT_BYTES = 1 << 62  # a shape whose nonzero dims multiply past this cannot be an ndarray
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor's record in a safetensors header, checked when its file is opened.
+
+    dtype: the safetensors dtype name ("F32", "BF16", ...), not necessarily one minipipe reads.
+    shape: the dimensions (`()` for a scalar).
+    start, end: the tensor's bytes, `[start, end)`, counted from the first byte after the header.
+    """
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
 
 
 class SafetensorsFile:
-    """One memory-mapped `.safetensors` file: its header, and tensors read on demand."""
+    """One memory-mapped `.safetensors` file: its header, and tensors read on demand.
+
+    The whole header is checked when the file is opened: the 8-byte header length fits the file,
+    the header is a UTF-8 JSON object without duplicate keys, `__metadata__` (if present) maps
+    strings to strings, and every other key names a tensor whose entry has a string `dtype`, a
+    `shape` of non-negative integers and `data_offsets` `[start, end]` of integers inside the
+    file, with `end - start` equal to the shape's byte count and no two tensors sharing bytes.
+    Anything else is a `CheckpointError` naming the file and the tensor, raised at once.
+
+    Attributes:
+        entries: tensor name -> TensorEntry.
+        metadata: the header's `__metadata__` (free-form strings), empty when absent.
+        data_start: file offset of the data section (8 + the header length).
+    """
 
     def __init__(self, path: Path):
-        self.path = path
+        self.path = Path(path)
         try:
-            with open(path, "rb") as f:
+            with open(self.path, "rb") as f:
+                file_size = os.fstat(f.fileno()).st_size
+                if file_size < 8:
+                    raise _Malformed(f"it has {file_size} bytes, fewer than the 8-byte header length")
                 (header_len,) = struct.unpack("<Q", f.read(8))
-                if header_len > 100_000_000:
-                    raise ValueError("header length is implausible")
-                header = json.loads(f.read(header_len))
-        except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+                if header_len > min(MAX_HEADER_BYTES, file_size - 8):
+                    raise _Malformed(f"its header length {header_len} runs past the end of the file "
+                                     f"({file_size} bytes)" if header_len <= MAX_HEADER_BYTES else
+                                     f"its header length {header_len} is over the format's limit of "
+                                     f"{MAX_HEADER_BYTES} bytes")
+                header_bytes = f.read(header_len)
+        except OSError as e:
+            raise CheckpointError(f"{self.path} cannot be read ({e.strerror or e})") from None
+        except _Malformed as e:
+            raise CheckpointError(f"{self.path} is not a readable safetensors file ({e})") from None
+        try:
+            header = json.loads(header_bytes.decode("utf-8"), object_pairs_hook=_refuse_duplicate_keys)
+        except UnicodeDecodeError as e:
+            raise CheckpointError(f"{self.path} is not a readable safetensors file (its header is not UTF-8: "
+                                  f"{e.reason} at byte {e.start})") from None
+        except _Malformed as e:
+            raise CheckpointError(f"{self.path} is not a readable safetensors file ({e})") from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; so is a 5000-digit int
+            reason = "nested too deeply" if isinstance(e, RecursionError) else _show(str(e), 80)
+            raise CheckpointError(f"{self.path} is not a readable safetensors file (its header is not JSON: "
+                                  f"{reason})") from None
         if not isinstance(header, dict):
-            raise CheckpointError(f"{path} has a malformed safetensors header")
-        header.pop("__metadata__", None)
+            raise CheckpointError(f"{self.path} is not a readable safetensors file (its header is a JSON "
+                                  f"{type(header).__name__}, not an object)")
         self.data_start = 8 + header_len
-        self.entries: dict[str, dict] = header
+        data_len = file_size - self.data_start
+        self.metadata = self._check_metadata(header.pop("__metadata__", None))
+        self.entries: dict[str, TensorEntry] = {
+            name: self._check_entry(name, entry, data_len) for name, entry in header.items()}
+        self._check_no_overlap()
         self._mapped: np.memmap | None = None
+
+    def _check_metadata(self, metadata) -> dict[str, str]:
+        if metadata is None:
+            return {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise CheckpointError(f"{self.path}: __metadata__ must map strings to strings, got {_show(metadata)}")
+        return metadata
+
+    def _check_entry(self, name: str, entry, data_len: int) -> TensorEntry:
+        """Validate one header entry against the data section's length `data_len` (bytes)."""
+        where = f"{self.path}: tensor {_show(name)}"
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{where}: its header entry must be an object, got {_show(entry)}")
+        for key in ("dtype", "shape", "data_offsets"):
+            if key not in entry:
+                raise CheckpointError(f"{where}: its header entry lacks {key!r}")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or not dtype:
+            raise CheckpointError(f"{where}: dtype must be a dtype name such as \"F32\", got {_show(dtype)}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise CheckpointError(f"{where}: shape must be a list of non-negative integers, got {_show(shape)}")
+        if len(shape) > MAX_DIMS:
+            raise CheckpointError(f"{where}: shape has {len(shape)} dimensions, more than {MAX_DIMS}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+            raise CheckpointError(f"{where}: data_offsets must be two integers [start, end], got {_show(offsets)}")
+        start, end = offsets
+        if not 0 <= start <= end:
+            raise CheckpointError(f"{where}: data_offsets {_show(offsets)} must satisfy 0 <= start <= end")
+        if end > data_len:
+            raise CheckpointError(f"{where}: data_offsets {_show(offsets)} run past the end of the file's "
+                                  f"{data_len} data bytes (the file is truncated or mis-sized)")
+        itemsize = _ITEMSIZES.get(dtype)
+        extent = 1  # the product of the nonzero dims: bounded even for an empty tensor
+        for d in shape:
+            extent *= max(d, 1)
+        if extent * (itemsize or 1) > _MAX_EXTENT_BYTES:
+            raise CheckpointError(f"{where}: shape {_show(shape)} is implausibly large")
+        if itemsize is not None:
+            n_bytes = itemsize
+            for d in shape:
+                n_bytes *= d
+            if end - start != n_bytes:
+                raise CheckpointError(f"{where}: shape {_show(shape)} of {dtype} needs {n_bytes} bytes but "
+                                      f"data_offsets {_show(offsets)} hold {end - start} (the file is mis-sized)")
+        return TensorEntry(dtype, tuple(shape), start, end)
+
+    def _check_no_overlap(self) -> None:
+        """No two tensors may share a byte (the format lays them end to end)."""
+        spans = sorted((e.start, e.end, name) for name, e in self.entries.items() if e.end > e.start)
+        for (_, prev_end, prev), (start, _, name) in zip(spans, spans[1:]):
+            if start < prev_end:
+                raise CheckpointError(f"{self.path}: tensors {_show(prev)} and {_show(name)} share data bytes")
 
     def _map(self) -> np.memmap:
         if self._mapped is None:
-            self._mapped = np.memmap(self.path, dtype=np.uint8, mode="r")
+            try:
+                self._mapped = np.memmap(self.path, dtype=np.uint8, mode="r")
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"{self.path} cannot be mapped ({e})") from None
         return self._mapped
 
     def tensor(self, name: str) -> np.ndarray:
         """Return tensor `name` as float32 (a read-only view of the file for F32 data)."""
         entry = self.entries[name]
-        dtype_name, shape = entry.get("dtype"), tuple(entry.get("shape", ()))
-        if dtype_name not in _DTYPES:
-            raise CheckpointError(
-                f"{self.path.name}: tensor {name} has dtype {dtype_name}; minipipe reads F32, F16 and BF16")
-        start, end = entry["data_offsets"]
-        n_bytes = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype_name].itemsize
-        raw = self._map()[self.data_start + start: self.data_start + end]
-        if end - start != n_bytes or raw.size != n_bytes:
-            raise CheckpointError(f"{self.path.name}: tensor {name} is truncated or mis-sized")
-        data = raw.view(_DTYPES[dtype_name]).reshape(shape)
-        if dtype_name == "F32":
+        if entry.dtype not in _DTYPES:
+            raise CheckpointError(f"{self.path.name}: tensor {_show(name)} has dtype {_show(entry.dtype)}; "
+                                  "minipipe reads F32, F16 and BF16")
+        raw = self._map()[self.data_start + entry.start: self.data_start + entry.end]
+        if raw.size != entry.end - entry.start:  # the file shrank after it was opened
+            raise CheckpointError(f"{self.path.name}: tensor {_show(name)} is truncated or mis-sized")
+        data = raw.view(_DTYPES[entry.dtype]).reshape(entry.shape)
+        if entry.dtype == "F32":
             return data
-        if dtype_name == "F16":
+        if entry.dtype == "F16":
             return data.astype(np.float32)
         return (data.astype(np.uint32) << 16).view(np.float32)  # BF16: exact widening
+
+
+def _is_plain_file_name(name) -> bool:
+    """A shard name from an index: a string naming a file in the checkpoint directory itself
+    (no path separator, not `.` or `..`), so an index cannot point outside its directory."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "\0" not in name
+            and not any(sep in name for sep in ("/", "\\", os.sep, os.altsep) if sep))
+
+
+class _Malformed(ValueError):
+    """Internal: why a file is not safetensors, caught and reported as a CheckpointError."""
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json.loads hook: build an object, refusing a key given twice (which one would win?)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _Malformed(f"its header gives the key {_show(duplicate)} twice")
+    return obj
+
+
+def _is_int(value) -> bool:
+    """A JSON integer (Python's bool is an int, but JSON's true is not a number)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _show(value, limit: int = 60) -> str:
+    """repr(value) on one line, cut to about `limit` characters, for error messages."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        return "(a deeply nested value)"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class Checkpoint:
@@ -89,12 +238,20 @@ class Checkpoint:
             index = read_json(index_path, "model.safetensors.index.json")
             weight_map = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(weight_map, dict) or not weight_map:
-                raise CheckpointError(f"{index_path} has no weight_map")
+                raise CheckpointError(f"{index_path} has no weight_map (an object: tensor name -> shard file)")
+            for name, file_name in weight_map.items():
+                if not _is_plain_file_name(file_name):
+                    raise CheckpointError(f"{index_path}: tensor {_show(name)} is mapped to {_show(file_name)}, "
+                                          "not a file name in the checkpoint directory")
             files = {}
             for file_name in sorted(set(weight_map.values())):
                 path = self.dir / file_name
-                if not path.is_file():
-                    raise CheckpointError(f"shard {file_name} listed in {index_path.name} is missing")
+                try:
+                    present = path.is_file()
+                except OSError:  # e.g. a name too long for the file system
+                    present = False
+                if not present:
+                    raise CheckpointError(f"shard {_show(file_name)} listed in {index_path.name} is missing")
                 files[file_name] = SafetensorsFile(path)
             self._where = {name: files[f] for name, f in weight_map.items()}
         elif single_path.is_file():
