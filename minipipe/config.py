@@ -23,6 +23,7 @@ Dimension names used across minipipe (the glossary; see docs/model.md):
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,7 +124,7 @@ class ModelConfig:
             n_kv_heads=n_kv_heads,
             head_dim=head_dim,
             vocab_size=need("vocab_size"),
-            norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            norm_eps=_number(raw.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
             max_positions=raw.get("max_position_embeddings", 2048),
             rope=_parse_rope(raw),
             tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
@@ -147,37 +148,88 @@ def _merge_ids(value, extra: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _parse_rope(raw: dict) -> RopeConfig:
-    """Read RoPE settings from `rope_parameters` (newer files) or `rope_theta`/`rope_scaling`."""
+    """Read RoPE settings from `rope_parameters` (newer files) or `rope_theta`/`rope_scaling`.
+
+    A file may carry both generations (e.g. edited by hand after an upgrade). Where the legacy
+    keys are present (`rope_scaling` not null, `rope_theta`) they must say the same as
+    `rope_parameters`; if they disagree the file is refused, naming both keys, rather than one
+    silently winning.
+    """
     params = raw.get("rope_parameters")
-    if params is not None:
-        if not isinstance(params, dict):
-            raise UnsupportedConfigError("rope_parameters must be a JSON object")
-        theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
-    else:
-        params = raw.get("rope_scaling") or {}
-        if not isinstance(params, dict):
-            raise UnsupportedConfigError("rope_scaling must be a JSON object or null")
-        theta = raw.get("rope_theta", 10000.0)
+    legacy_theta = raw.get("rope_theta")
+    legacy_scaling = raw.get("rope_scaling")
+    if legacy_scaling is not None and not isinstance(legacy_scaling, dict):
+        raise UnsupportedConfigError("rope_scaling must be a JSON object or null")
+    if params is None:
+        return _rope_from(legacy_scaling or {}, 10000.0 if legacy_theta is None else legacy_theta, "rope_theta")
+    if not isinstance(params, dict):
+        raise UnsupportedConfigError("rope_parameters must be a JSON object")
+    theta_key = "rope_parameters.rope_theta" if "rope_theta" in params else "rope_theta"
+    theta = params.get("rope_theta", 10000.0 if legacy_theta is None else legacy_theta)
+    rope = _rope_from(params, theta, theta_key)
+    if legacy_theta is not None and _number(legacy_theta, "rope_theta") != rope.theta:
+        raise UnsupportedConfigError(
+            f"config.json's rope_parameters.rope_theta ({rope.theta:g}) and rope_theta ({legacy_theta!r}) "
+            "disagree; keep one of them")
+    if legacy_scaling:  # null or {}: no claim
+        legacy = _rope_from(legacy_scaling, theta, theta_key)
+        if legacy != rope:
+            raise UnsupportedConfigError(
+                f"config.json's rope_parameters ({_describe(rope)}) and rope_scaling ({_describe(legacy)}) "
+                "disagree; keep one of them")
+    return rope
+
+
+def _rope_from(params: dict, theta, theta_key: str) -> RopeConfig:
+    """A RopeConfig from one generation's scaling object and the theta that goes with it."""
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedConfigError(
             f"RoPE type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
-    rope = RopeConfig(rope_type=rope_type, theta=float(theta))
+    theta = _number(theta, theta_key)
+    rope = RopeConfig(rope_type=rope_type, theta=theta)
     if rope_type == "linear":
-        rope = RopeConfig("linear", float(theta), factor=float(_rope_field(params, "factor")))
+        rope = RopeConfig("linear", theta, factor=_number(_rope_field(params, "factor"), "RoPE factor"))
     elif rope_type == "llama3":
+        original = _rope_field(params, "original_max_position_embeddings")
+        if not isinstance(original, int) or isinstance(original, bool) or original <= 0:
+            raise UnsupportedConfigError(
+                f"RoPE original_max_position_embeddings must be a positive integer, got {original!r}")
         rope = RopeConfig(
-            "llama3", float(theta),
-            factor=float(_rope_field(params, "factor")),
-            low_freq_factor=float(_rope_field(params, "low_freq_factor")),
-            high_freq_factor=float(_rope_field(params, "high_freq_factor")),
-            original_max_positions=int(_rope_field(params, "original_max_position_embeddings")),
+            "llama3", theta,
+            factor=_number(_rope_field(params, "factor"), "RoPE factor"),
+            low_freq_factor=_number(_rope_field(params, "low_freq_factor"), "RoPE low_freq_factor"),
+            high_freq_factor=_number(_rope_field(params, "high_freq_factor"), "RoPE high_freq_factor"),
+            original_max_positions=original,
         )
-    if rope.theta <= 0 or rope.factor <= 0:
+    if not (rope.theta > 0 and rope.factor > 0):
         raise UnsupportedConfigError(f"RoPE theta and factor must be positive, got {rope}")
     if rope_type == "llama3" and not rope.high_freq_factor > rope.low_freq_factor:
         raise UnsupportedConfigError("llama3 RoPE needs high_freq_factor > low_freq_factor")
     return rope
+
+
+def _number(value, key: str) -> float:
+    """A finite JSON number as a float, else refused by the key's name."""
+    number = float("nan")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer past float range
+            pass
+    if not math.isfinite(number):
+        raise UnsupportedConfigError(f"config.json's {key} must be a finite number, got {value!r}")
+    return number
+
+
+def _describe(rope: RopeConfig) -> str:
+    """The RoPE settings that matter for its type, for a message."""
+    if rope.rope_type == "default":
+        return "default"
+    if rope.rope_type == "linear":
+        return f"linear, factor {rope.factor:g}"
+    return (f"llama3, factor {rope.factor:g}, low_freq_factor {rope.low_freq_factor:g}, high_freq_factor "
+            f"{rope.high_freq_factor:g}, original_max_position_embeddings {rope.original_max_positions}")
 
 
 def _rope_field(params: dict, key: str):

@@ -67,3 +67,41 @@ def test_generation_config_adds_eos(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(hf_config(eos_token_id=2)))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5]}))
     assert load_config(tmp_path).eos_ids == (2, 5)
+
+
+@pytest.mark.parametrize("rope_type", ["default", "linear", "llama3"])
+def test_both_rope_generations_accepted_when_they_agree(rope_type):
+    new = hf_config(rope_type=rope_type, rope_style="new", rope_theta=5e5)
+    old = hf_config(rope_type=rope_type, rope_style="old", rope_theta=5e5)
+    both = {**new, **{k: old[k] for k in ("rope_theta", "rope_scaling") if k in old}}
+    assert ModelConfig.from_hf(both) == ModelConfig.from_hf(new)
+    both["rope_scaling"] = None if rope_type == "default" else both["rope_scaling"]
+    assert ModelConfig.from_hf(both) == ModelConfig.from_hf(new)
+
+
+@pytest.mark.parametrize("legacy, message", [
+    ({"rope_scaling": {"type": "linear", "factor": 4.0}},
+     r"rope_parameters \(linear, factor 2\) and rope_scaling \(linear, factor 4\) disagree"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 32}},
+     r"rope_parameters \(linear, factor 2\) and rope_scaling \(llama3, .*\) disagree"),
+    ({"rope_theta": 10000.0}, r"rope_parameters.rope_theta \(500000\) and rope_theta \(10000.0\) disagree"),
+])
+def test_conflicting_rope_generations_are_refused_by_name(legacy, message):
+    raw = {**hf_config(rope_type="linear", rope_style="new", rope_theta=5e5), **legacy}
+    with pytest.raises(UnsupportedConfigError, match=message):
+        ModelConfig.from_hf(raw)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rope_theta": "1e4"}, "rope_theta must be a finite number, got '1e4'"),
+    ({"rope_theta": float("inf")}, "rope_theta must be a finite number"),
+    ({"rope_scaling": {"type": "linear", "factor": [2]}}, "RoPE factor must be a finite number"),
+    ({"rope_scaling": {"type": "linear", "factor": 10 ** 400}}, "RoPE factor must be a finite number"),
+    ({"rope_scaling": "linear"}, "rope_scaling must be a JSON object or null"),
+    ({"rms_norm_eps": "small"}, "rms_norm_eps must be a finite number"),
+])
+def test_non_numeric_rope_values_are_refused_by_name(change, message):
+    raw = {**hf_config(rope_style="old"), **change}
+    with pytest.raises(UnsupportedConfigError, match=message):
+        ModelConfig.from_hf(raw)
