@@ -26,7 +26,6 @@ from minipipe.trace import Tracer
 from minipipe.transport.cancel import LocalCancelSet
 from minipipe.transport.messages import Cancelled, Result, Run
 
-from .conftest import shared_model
 
 SHAPE = dict(dim=32, ffn_dim=48, n_layers=6, n_heads=4, n_kv_heads=2, vocab_size=61, max_positions=64)
 
@@ -75,15 +74,15 @@ def test_pipeline_equals_greedy_local_any_interleaving(data):
     assert got.tokens == greedy_tokens(5, prompt, n)
 
 
-def test_pipeline_equals_greedy_on_stories260k():
-    d = shared_model("stories260k")
+def test_pipeline_equals_greedy_on_a_real_model(pair):
     from minipipe.model import load_stage
 
-    prompt = [1, 403, 407, 261, 378]
-    expected = generate_greedy(load_stage(d), prompt, 30, (2,)).tokens
+    prompt = list(pair.prompt)
+    expected = generate_greedy(load_stage(pair.target), prompt, 30, pair.eos).tokens
     for runtime, n_stages in (("local", 5), ("process", 2), ("process", 3)):
-        with open_pipeline(d, runtime, n_stages) as pipe:
-            assert generate(PipelineStrategy(), pipe, prompt, 30, (2,), 512).tokens == expected, (runtime, n_stages)
+        with open_pipeline(pair.target, runtime, n_stages) as pipe:
+            got = generate(PipelineStrategy(), pipe, prompt, 30, pair.eos, pair.max_positions)
+        assert got.tokens == expected, (runtime, n_stages)
 
 
 @pytest.mark.parametrize("split", [None, [1, 2, 3], [4, 1, 1]])

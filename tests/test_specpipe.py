@@ -11,7 +11,6 @@ from minipipe.runtime import LocalPipeline, RandomChooser, open_pipeline
 from minipipe.strategies import SpecPipeStrategy, generate
 from minipipe.synthetic import make_random_checkpoint
 
-from .conftest import shared_model
 from .random_pairs import RandomPair
 from .test_runtime import DrawChooser, assert_no_leaks
 
@@ -71,17 +70,16 @@ def test_specpipe_in_processes_and_on_the_clock(tmp_path):
     assert_no_leaks()
 
 
-def test_specpipe_on_stories260k_with_its_weak_draft():
-    target_dir, draft_dir = shared_model("stories260k"), shared_model("stories260k-draft")
+def test_specpipe_on_a_real_pair(pair):
     from minipipe.model import load_stage
 
-    prompt = [1, 403, 407, 261, 378]
-    expected = generate_greedy(load_stage(target_dir), prompt, 60, (2,)).tokens
-    draft = load_stage(draft_dir)
+    prompt = list(pair.prompt)
+    expected = generate_greedy(load_stage(pair.target), prompt, 60, pair.eos).tokens
+    draft = load_stage(pair.draft)
     for runtime, n_stages, width in (("local", 5, 3), ("process", 2, 2), ("process", 3, 1)):
         strategy = SpecPipeStrategy(DraftModel(draft), width=width)
-        with open_pipeline(target_dir, runtime, n_stages, n_seqs=strategy.n_seqs) as pipe:
-            got = generate(strategy, pipe, prompt, 60, (2,), 512)
+        with open_pipeline(pair.target, runtime, n_stages, n_seqs=strategy.n_seqs) as pipe:
+            got = generate(strategy, pipe, prompt, 60, pair.eos, pair.max_positions)
         assert got.tokens == expected, (runtime, n_stages, width)
-        assert strategy.stats.hits and strategy.stats.misses  # the weak draft both hits and misses
+        assert strategy.stats.hits and strategy.stats.misses  # the draft both hits and misses
     assert_no_leaks()

@@ -1,4 +1,5 @@
-"""Tokenizer: BOS rules and streaming decode across byte-fallback pieces."""
+"""Tokenizer: BOS rules and streaming decode across characters split between tokens (byte-level
+BPE and byte-fallback pieces)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from minipipe.errors import TokenizerError
 from minipipe.synthetic import write_word_tokenizer
 from minipipe.tokenizer import Tokenizer
 
-from .conftest import shared_model
+from .conftest import SHIPPED_MODELS as SHIPPED, shared_model
 
 
 def streamed(tok: Tokenizer, prompt: list[int], ids: list[int]) -> str:
@@ -29,11 +30,20 @@ def test_stories_prompt_gets_bos():
     assert tok.eos_ids == (2,)
 
 
-def test_stream_across_byte_fallback_pieces():
-    tok = Tokenizer(shared_model("stories260k"))
+TOKENIZERS = ["tinybard", "stories260k"]  # byte-level BPE (shipped); SentencePiece BPE with byte fallback
+
+
+def tokenizer(name: str) -> Tokenizer:
+    return Tokenizer(SHIPPED / "tinybard" if name == "tinybard" else shared_model("stories260k"))
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_stream_across_characters_split_between_tokens(name):
+    tok = tokenizer(name)
     text = "Naïve café, ☃ snow — 日本語 🙂 done."
     ids = tok.encode(text)
-    assert any(tok.id_to_token(i).startswith("<0x") for i in ids), "test needs byte-fallback pieces"
+    pieces_of = [tok.decode([i]) for i in ids]
+    assert any("\ufffd" in p for p in pieces_of), "test needs characters split across tokens"
     prompt, rest = ids[:3], ids[3:]
     pieces = []
     stream = tok.stream(prompt)
@@ -44,9 +54,10 @@ def test_stream_across_byte_fallback_pieces():
     assert "".join(pieces) + stream.flush() == expected_continuation(tok, prompt, rest)
 
 
+@pytest.mark.parametrize("name", TOKENIZERS)
 @given(text=st.text(min_size=1, max_size=40), cut=st.integers(1, 5))
-def test_stream_equals_full_decode(text, cut):
-    tok = Tokenizer(shared_model("stories260k"))
+def test_stream_equals_full_decode(name, text, cut):
+    tok = tokenizer(name)
     ids = tok.encode(text)
     prompt, rest = ids[:cut], ids[cut:]
     assume(not tok.decode(prompt).endswith("\ufffd"))  # a prompt that ends inside a character

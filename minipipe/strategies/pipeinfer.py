@@ -168,6 +168,20 @@ class PipeInferStrategy(Strategy):
             assert answer.run_id == run.run_id, f"answers out of order: {answer.run_id} != {run.run_id}"
             self.consume(run, answer)
             self.speculate()
+        self.finish()
+
+    def finish(self) -> None:
+        """The generation is over: cancel every run still in flight, wait for their answers (none
+        is used) and free their partitions, so the caches hold only the committed text."""
+        for run in self.inflight:
+            if run.speculative and not run.cancelled:
+                run.cancelled = True
+                self.pipe.cancel(run.run_id)
+        while self.inflight:
+            self.pipe.receive()
+            run = self.inflight.popleft()
+            if run.speculative:
+                self.submit(self.buffers.release(run.partition))
 
     def consume(self, run: InFlight, answer) -> None:
         """Verify one answer: commit what it proves, adopt its accepted rows, free its partition."""

@@ -127,7 +127,21 @@ class SpecPipeStrategy(Strategy):
             if epoch == self.epoch and not isinstance(answer, Cancelled):
                 self.step(answer)
             self.fill()
+        self.finish()
         self.stats.rows_dropped = sum(s.get("rows_pruned", 0) for s in pipe.stats().values())
+
+    def finish(self) -> None:
+        """The generation is over: drop the tree (its sequences go back to the pool, its cells are
+        freed), cancel what is in flight and wait for those answers (none is used)."""
+        if self.tip is not None:
+            edits = [edit for node in self.tip.subtree() for edit in self.release_seq(node)]
+            self.pipe.submit_edits(edits)
+            self.tip = None
+        for run_id, _, _ in self.inflight:
+            self.pipe.cancel(run_id)
+        while self.inflight:
+            self.pipe.receive()
+            self.inflight.popleft()
 
     def current_inflight(self) -> int:
         return sum(1 for _, epoch, _ in self.inflight if epoch == self.epoch)
@@ -175,8 +189,9 @@ class SpecPipeStrategy(Strategy):
                 if epoch == self.epoch:
                     self.pipe.cancel(run_id)
             self.epoch += 1
+            pos, self.tip = self.tip.pos + 1, None  # the old tip's sequence is released
             if not self.sink.done:
-                self.new_root(token, self.tip.pos + 1)
+                self.new_root(token, pos)
 
     # ------------------------------------------------------------------------------------------
     # the tree
