@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 
 from .errors import InputError, MinipipeError
@@ -127,6 +129,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse flag values no run could use, before any work: probabilities outside [0, 1] (NaN
+    included), a --slow-link-ms that is not a finite number >= 0, a --trace file that cannot be
+    written (found out now rather than after the whole run)."""
+    for flag, value in (("--p-accept", args.p_accept), ("--p-split", args.p_split),
+                        ("--p-recovery", args.p_recovery), ("--p-decay", args.p_decay)):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise InputError(f"{flag} must be between 0 and 1, got {value}")
+    if not (math.isfinite(args.slow_link_ms) and args.slow_link_ms >= 0):
+        raise InputError(f"--slow-link-ms must be a finite number of milliseconds >= 0, got {args.slow_link_ms}")
+    if args.trace:
+        _check_writable(args.trace, "--trace")
+
+
+def _check_writable(path: str, flag: str) -> None:
+    """Refuse an output file that cannot be written, by trying: open it for appending (which
+    leaves an existing file as it is; without blocking, should it be a FIFO with no reader yet),
+    and remove it again if this created it."""
+    existed = os.path.lexists(path)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o666))
+    except OSError as e:
+        raise InputError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+    if not existed:
+        os.remove(path)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .config import load_config
     from .greedy import check_prompt
@@ -139,6 +168,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise InputError("give either a PROMPT or --prompt-ids, not both")
     if args.max_new_tokens < 0:
         raise InputError("--max-new-tokens must be >= 0")
+    _check_flags(args)
     args.model = resolve_model(args.model)
     config = load_config(args.model)
     tokenizer = None
@@ -245,7 +275,10 @@ def _run_strategy(args, config, prompt_ids, eos_ids, on_token, show_progress):
     with open_pipeline(args.model, args.runtime, n_stages, split, strategy.n_seqs, tracer=tracer, cost=cost) as pipe:
         result = generate(strategy, pipe, prompt_ids, args.max_new_tokens, eos_ids, config.max_positions, on_token)
     if args.trace:
-        tracer.write_chrome(args.trace)
+        try:
+            tracer.write_chrome(args.trace)
+        except OSError as e:  # e.g. the disk filled up during the run
+            raise InputError(f"--trace {args.trace}: could not write the trace ({e.strerror or e})") from None
     args.tracer = tracer  # printed after the text
     result.metrics.extra["runtime"] = args.runtime
     result.metrics.extra["n_stages"] = pipe.n_stages
@@ -270,10 +303,6 @@ def _make_strategy(args, config, prompt_ids, eos_ids):
         else:
             raise InputError("give the draft source once: --draft SOURCE or --draft-model SOURCE")
     p_accept = args.p_accept if args.p_accept is not None else (0.5 if args.strategy == "pipeinfer" else 0.0)
-    for flag, value in (("--p-accept", p_accept), ("--p-split", args.p_split), ("--p-recovery", args.p_recovery),
-                        ("--p-decay", args.p_decay)):
-        if not 0.0 <= value <= 1.0:
-            raise InputError(f"{flag} must be between 0 and 1, got {value}")
     if n_draft < 1 or args.branches < 1 or args.max_inflight < 1:
         raise InputError("--draft, --branches and --max-inflight must be >= 1")
     draft = _make_draft(source, args.model, config, prompt_ids, args.max_new_tokens, eos_ids)
@@ -304,11 +333,14 @@ def _make_draft(source, target_dir, config, prompt_ids, max_new_tokens, eos_ids)
 
     if source == "ngram":
         return NgramDraft()
-    if source is not None and source.startswith("oracle"):
+    if source == "oracle" or source is not None and source.startswith("oracle:"):
         try:
             p = float(source.split(":", 1)[1]) if ":" in source else 0.8
         except ValueError:
-            raise InputError(f"oracle drafts are spelled oracle:P with P a probability, got {source!r}") from None
+            p = math.nan
+        if not 0.0 <= p <= 1.0:  # NaN fails too
+            raise InputError(f"oracle drafts are spelled oracle:P with P a probability between 0 and 1, "
+                             f"got {source!r}")
         from .greedy import generate_greedy
 
         truth = generate_greedy(load_stage(target_dir), prompt_ids, max_new_tokens, eos_ids).tokens

@@ -1,4 +1,5 @@
-"""The command line, run as a user would: real subprocesses, real exit codes."""
+"""The command line, run as a user would: real subprocesses, real exit codes (flag refusals run
+in-process, where main() returns the exit status)."""
 
 from __future__ import annotations
 
@@ -133,3 +134,65 @@ def test_strategy_flag_errors():
         r = run("generate", "--prompt-ids", "1,2", "--model", str(d), *args)
         assert r.returncode == 1 and message in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# bad flag values, refused in one line before any work (run in-process: main() returns the status)
+
+def run_in_process(capsys, *args: str) -> tuple[int, str, str]:
+    from minipipe.cli import main
+
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    return make_random_checkpoint(tmp_path_factory.mktemp("cli") / "m", seed=1, **SMALL)
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--draft-model", "oracle:1.5", "oracle drafts are spelled oracle:P with P a probability between 0 and 1"),
+    ("--draft-model", "oracle:nan", "oracle drafts are spelled oracle:P"),
+    ("--draft-model", "oracle:-0.1", "oracle drafts are spelled oracle:P"),
+    ("--draft-model", "oracle:abc", "oracle drafts are spelled oracle:P"),
+    ("--draft-model", "oracle:inf", "oracle drafts are spelled oracle:P"),
+    ("--slow-link-ms", "-5", "--slow-link-ms must be a finite number of milliseconds >= 0, got -5.0"),
+    ("--slow-link-ms", "nan", "--slow-link-ms must be a finite number"),
+    ("--slow-link-ms", "inf", "--slow-link-ms must be a finite number"),
+    ("--p-accept", "nan", "--p-accept must be between 0 and 1, got nan"),
+    ("--p-split", "nan", "--p-split must be between 0 and 1"),
+    ("--p-recovery", "-inf", "--p-recovery must be between 0 and 1"),
+    ("--p-decay", "nan", "--p-decay must be between 0 and 1"),
+])
+def test_bad_numbers_are_refused_in_one_line(capsys, small_model, flag, value, message):
+    draft = [] if flag == "--draft-model" else ["--draft-model", "ngram"]
+    code, out, err = run_in_process(
+        capsys, "generate", "--prompt-ids", "3,4,5", "--model", str(small_model), "--max-new-tokens", "4",
+        "--strategy", "speculative", "--runtime", "local", "--quiet", *draft, f"{flag}={value}")
+    assert code == 1 and out == "", (out, err)
+    assert err.startswith("minipipe: error: ") and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize("where", ["a directory", "in a missing directory", "under a file"])
+def test_unwritable_trace_is_refused_before_any_work(capsys, tmp_path, small_model, where):
+    (tmp_path / "file").write_text("")
+    trace = {"a directory": tmp_path, "in a missing directory": tmp_path / "absent" / "t.json",
+             "under a file": tmp_path / "file" / "t.json"}[where]
+    code, out, err = run_in_process(
+        capsys, "generate", "--prompt-ids", "3,4,5", "--model", str(small_model), "--max-new-tokens", "4",
+        "--strategy", "pipeline", "--runtime", "local", "--quiet", "--trace", str(trace))
+    assert code == 1 and out == "", (out, err)  # no token was generated
+    assert err.startswith(f"minipipe: error: --trace {trace}: cannot write there (") and err.count("\n") == 1
+
+
+def test_writable_trace_is_written_and_left_alone_when_refused(capsys, tmp_path, small_model):
+    trace = tmp_path / "t.json"
+    args = ["generate", "--prompt-ids", "3,4,5", "--model", str(small_model), "--max-new-tokens", "4",
+            "--strategy", "pipeline", "--runtime", "local", "--quiet", "--trace", str(trace)]
+    code, _, err = run_in_process(capsys, *args, "--strategy", "greedy")  # refused after the check
+    assert code == 1 and "need a pipelined --strategy" in err and not trace.exists(), err
+    code, _, err = run_in_process(capsys, *args)
+    assert code == 0, err
+    assert json.loads(trace.read_text())["traceEvents"]
