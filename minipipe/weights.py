@@ -6,8 +6,12 @@ safetensors format itself (an 8-byte header length, a JSON header, then raw litt
 so that it can memory-map every tensor and widen bfloat16, which NumPy lacks:
 
     F32  -> a zero-copy view of the mapped file
-    F16  -> astype(float32)                      (exact)
+    F16  -> widened to float32                   (exact)
     BF16 -> uint16 bits shifted into the high half of a uint32, viewed as float32 (exact)
+
+Everything converted or fused is written into a fresh 64-byte-aligned array, the canonical
+layout of the exactness policy (`minipipe.kernels`); mapped float32 tensors keep the file's
+offsets, which are the same in every process.
 
 A pipeline stage asks only for the layers `[lo, hi)` it owns (plus the embedding on the first
 stage and the final norm and head on the last); nothing else is read from disk.
@@ -28,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import kernels
 from .config import ModelConfig, read_json
 from .errors import CheckpointError
 
@@ -278,6 +283,14 @@ class Checkpoint:
         return t
 
 
+def fused(parts: list[np.ndarray]) -> np.ndarray:
+    """Matrices (or vectors) stacked along their first axis into one canonical array: C-contiguous
+    and 64-byte aligned, as the exactness policy wants every array a BLAS call reads."""
+    out = kernels.aligned_empty((sum(p.shape[0] for p in parts),) + parts[0].shape[1:])
+    np.concatenate(parts, out=out)
+    return out
+
+
 @dataclass
 class LayerWeights:
     """One decoder layer, in `[out, in]` orientation; biases are None unless the config has them."""
@@ -344,21 +357,21 @@ def load_stage_weights(checkpoint: Checkpoint, config: ModelConfig, lo: int = 0,
         m = p + "mlp."
         qkv_bias = None
         if c.attention_bias:
-            qkv_bias = np.concatenate([bias(a + f"{x}_proj.bias", r, True)
+            qkv_bias = fused([bias(a + f"{x}_proj.bias", r, True)
                                        for x, r in (("q", q_rows), ("k", kv_rows), ("v", kv_rows))])
         gate_up_bias = None
         if c.mlp_bias:
-            gate_up_bias = np.concatenate([bias(m + "gate_proj.bias", F, True), bias(m + "up_proj.bias", F, True)])
+            gate_up_bias = fused([bias(m + "gate_proj.bias", F, True), bias(m + "up_proj.bias", F, True)])
         layers.append(LayerWeights(
             attn_norm=get(p + "input_layernorm.weight", (D,)),
-            wqkv=np.concatenate([get(a + "q_proj.weight", (q_rows, D)),
+            wqkv=fused([get(a + "q_proj.weight", (q_rows, D)),
                                  get(a + "k_proj.weight", (kv_rows, D)),
                                  get(a + "v_proj.weight", (kv_rows, D))]),
             bqkv=qkv_bias,
             wo=get(a + "o_proj.weight", (D, q_rows)),
             bo=bias(a + "o_proj.bias", D, c.attention_bias),
             mlp_norm=get(p + "post_attention_layernorm.weight", (D,)),
-            w_gate_up=np.concatenate([get(m + "gate_proj.weight", (F, D)), get(m + "up_proj.weight", (F, D))]),
+            w_gate_up=fused([get(m + "gate_proj.weight", (F, D)), get(m + "up_proj.weight", (F, D))]),
             b_gate_up=gate_up_bias,
             w_down=get(m + "down_proj.weight", (D, F)),
             b_down=bias(m + "down_proj.bias", D, c.mlp_bias),

@@ -11,7 +11,7 @@ import pytest
 
 from minipipe.synthetic import hf_config, make_random_checkpoint
 
-from .conftest import shared_model
+from .conftest import reference_pair
 
 SMALL = dict(dim=32, ffn_dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, max_positions=32)
 
@@ -21,22 +21,36 @@ def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-def test_generate_streams_text():
-    d = shared_model("stories260k")
-    r = run("generate", "Once upon a time", "--model", str(d), "--max-new-tokens", "12")
+@pytest.mark.parametrize("name, prompt, expected", [
+    ("tinybard", "HAMLET:\nTo be, or not to be: that is the question:\n", "I'll be a man, and be a man"),
+    ("stories260k", "Once upon a time", ", there was a little girl named Lily."),
+])
+def test_generate_streams_text(name, prompt, expected):
+    d = reference_pair(name).target
+    r = run("generate", prompt, "--model", str(d), "--max-new-tokens", "12")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith(", there was a little girl named Lily.")
+    assert r.stdout.startswith(expected)
 
 
-def test_generate_json_and_prompt_ids():
-    d = shared_model("stories260k")
-    r = run("generate", "--prompt-ids", "1,403,407,261,378", "--model", str(d), "--max-new-tokens", "7", "--json")
+def test_generate_json_and_prompt_ids(pair):
+    args = ["generate", "--prompt-ids", ",".join(map(str, pair.prompt)), "--model", str(pair.target),
+            "--max-new-tokens", "7", "--json"]
+    r = run(*args)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert out["tokens"] == [432, 383, 286, 261, 376, 298, 315]
-    assert out["text"] == ", there was a little gir"  # "girl" is two pieces
+    from minipipe.greedy import generate_greedy
+    from minipipe.model import load_stage
+    from minipipe.tokenizer import Tokenizer
+
+    expected = generate_greedy(load_stage(pair.target), list(pair.prompt), 7).tokens
+    assert out["tokens"] == expected
+    tok = Tokenizer(pair.target)
+    assert out["text"] == tok.decode(list(pair.prompt) + expected)[len(tok.decode(list(pair.prompt))):]
+    if pair.name == "stories260k":
+        assert out["tokens"] == [432, 383, 286, 261, 376, 298, 315]
+        assert out["text"] == ", there was a little gir"  # "girl" is two pieces
     m = out["metrics"]
-    assert m["n_prompt_tokens"] == 5 and m["n_generated_tokens"] == 7
+    assert m["n_prompt_tokens"] == len(pair.prompt) and m["n_generated_tokens"] == 7
     assert m["tokens_per_s"] > 0 and m["time_to_first_token_s"] > 0 and m["stop_reason"] == "length"
 
 
@@ -103,18 +117,22 @@ def test_doctor_quick():
 
 @pytest.mark.parametrize("strategy, extra", [
     ("pipeline", ["--stages", "3"]),
-    ("pipeline", ["--split", "2,3", "--runtime", "local", "--timeline"]),
+    ("pipeline", ["--split", "SPLIT", "--runtime", "local", "--timeline"]),
     ("speculative", ["--draft", "4"]),
     ("tree", ["--tree-budget", "5", "--runtime", "local"]),
     ("pipeinfer", ["--draft", "3", "--branches", "2", "--p-accept", "0.2", "--stages", "3"]),
     ("specpipe", ["--width", "2", "--stages", "4", "--runtime", "local", "--slow-link-ms", "0.5"]),
 ])
-def test_every_strategy_from_the_command_line(strategy, extra):
-    d, dd = shared_model("stories260k"), shared_model("stories260k-draft")
-    args = ["generate", "--prompt-ids", "1,403,407,261,378", "--model", str(d), "--max-new-tokens", "20", "--json"]
+def test_every_strategy_from_the_command_line(pair, strategy, extra):
+    d, dd = pair.target, pair.draft
+    args = ["generate", "--prompt-ids", ",".join(map(str, pair.prompt)), "--model", str(d), "--max-new-tokens", "20",
+            "--json"]
     greedy = json.loads(run(*args).stdout)["tokens"]
     draft = ["--draft", str(dd)] if strategy != "pipeline" else []
-    r = run(*args, "--strategy", strategy, *draft, *extra, timeout=120)
+    from minipipe.config import load_config
+
+    split = f"2,{load_config(d).n_layers - 2}"  # two stages, uneven
+    r = run(*args, "--strategy", strategy, *draft, *[split if e == "SPLIT" else e for e in extra], timeout=120)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["tokens"] == greedy
@@ -124,9 +142,9 @@ def test_every_strategy_from_the_command_line(strategy, extra):
 
 
 def test_strategy_flag_errors():
-    d = shared_model("stories260k")
-    for args, message in ((["--strategy", "pipeline", "--stages", "9"], "--stages must be between 1 and the model's 5"),
-                          (["--strategy", "pipeline", "--split", "2,2"], "summing to the model's 5 layers"),
+    d = reference_pair("tinybard").target
+    for args, message in ((["--strategy", "pipeline", "--stages", "9"], "--stages must be between 1 and the model's 8"),
+                          (["--strategy", "pipeline", "--split", "2,2"], "summing to the model's 8 layers"),
                           (["--strategy", "greedy", "--stages", "2"], "need a pipelined --strategy"),
                           (["--strategy", "speculative", "--draft", "oracle:x"], "oracle drafts are spelled"),
                           (["--strategy", "pipeinfer", "--p-accept", "2", "--draft", "ngram"], "--p-accept must be"),
