@@ -161,6 +161,18 @@ class ForwardState:
     def done(self) -> bool:
         return self.layer == self.n_layers
 
+    def keep_rows(self, keep: np.ndarray) -> None:
+        """Go on with the rows where `keep` is True only (rows cancelled part-way through the stage).
+
+        The dropped rows' cells stay allocated, their K/V written only for the layers done: the
+        head never uses them and frees them with KV edits. No kept row attends to a dropped
+        row's cell: rows that see each other's cells belong to one request's run and are
+        cancelled together.
+        """
+        self.batch = self.batch.select(keep)
+        self.x, self.cells, self.cos, self.sin = self.x[keep], self.cells[keep], self.cos[keep], self.sin[keep]
+        self.visible = [v for v, k in zip(self.visible, keep) if k]
+
 
 def load_stage(model_dir: str | Path, lo: int = 0, hi: int | None = None, progress: bool = False) -> StageModel:
     """Load layers [lo, hi) of the checkpoint in `model_dir` (all layers by default)."""
