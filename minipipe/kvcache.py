@@ -1,25 +1,33 @@
-"""The KV cache of one stage: a pool of cells, each visible to a set of sequences (DESIGN.md §3).
+"""The KV cache of one stage: a pool of cells, each visible to a set of sequences.
 
 Terms:
 
 * **cell** — one slot holding the K and V of one token for every layer the stage owns, the
-  token's **position**, and the **set of sequence ids** that may see it.
-* **sequence** — a numbered view of the cache. Sequence 0 is the committed text; speculative
-  runs and tree branches use other ids (their own partition), so many runs can be in flight at
-  once, each seeing its own cells plus the shared prefix, without copying any K/V.
+  token's **position**, and the sequences that may see it.
+* **sequence** — a numbered view of the cache. Each request's committed text is one sequence;
+  speculative runs and tree branches use other ids (their own partition), so many runs of many
+  requests can be in flight at once, each seeing its own cells plus the shared prefix, without
+  copying any K/V.
 * **visibility rule** — a row of a batch that belongs to sequences S and sits at position p
-  attends to cell j iff `seqs(j) ∩ S ≠ ∅` and `pos(j) <= p` (llama.cpp's rule, which PipeInfer
-  builds on). Visible cells are always returned in ascending position order.
+  attends to cell j iff some sequence of S sees j and `pos(j) <= p` (llama.cpp's rule, which
+  PipeInfer builds on). Visible cells are always returned in ascending position order.
 * **one cell per (sequence, position)** — no sequence may see two cells at the same position;
   `alloc` and `seq_cp` refuse an edit that would break this, so a query's visible cells are
   exactly one token per position (the committed prefix plus its own branch).
 
-Memory layout (C cells, S sequence ids, L layers of this stage):
+Memory layout (C cells, L layers of this stage):
 
-    k, v        float32 [L, KVH, C, HD]   K/V of every cell; per layer and KV head the cells of
-                                          a contiguous position range are a contiguous block
+    k, v        float32 [L, KVH, C, HD]   K/V of every cell
     cell_pos    int64   [C]               position of each cell's token; -1 marks a free cell
-    cell_seqs   bool    [C, S]            cell_seqs[j, s] is True iff sequence s sees cell j
+    cell_refs   int32   [C]               how many sequences see each cell (0: free)
+    seq_cells   {seq: int64 [P]}          per sequence in use, the cell it sees at each
+                                          position (-1: none); P grows with the positions seen
+
+Indexing by sequence and position makes every operation cost what it touches: a row's
+visibility is its sequences' arrays up to its position (the length of its context, not the
+number of cells or sequences in the cache), an edit costs its position range, and sequences
+that see nothing take no memory. So one cache holds the cells of many requests and of trees
+with many branches.
 
 Edits (metadata only; K/V are never copied):
 
@@ -40,19 +48,21 @@ import numpy as np
 from . import kernels
 from .errors import KVCacheError
 
-INF = np.iinfo(np.int64).max
+NONE = -1  # "no cell" in a sequence's position array
 
 
 class KVCache:
     """Cells with positions and sequence sets, plus their K/V for a stage's layers."""
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, n_seqs: int = 1, capacity: int = 64):
+        """`n_seqs` bounds the sequence ids (0 .. n_seqs - 1); ids cost nothing until used."""
         self.n_layers, self.n_kv_heads, self.head_dim, self.n_seqs = n_layers, n_kv_heads, head_dim, n_seqs
         capacity = max(1, capacity)
         self.k = np.zeros((n_layers, n_kv_heads, capacity, head_dim), dtype=np.float32)  # [L, KVH, C, HD]
         self.v = np.zeros_like(self.k)  # [L, KVH, C, HD]
         self.cell_pos = np.full(capacity, -1, dtype=np.int64)  # [C]
-        self.cell_seqs = np.zeros((capacity, n_seqs), dtype=bool)  # [C, S]
+        self.cell_refs = np.zeros(capacity, dtype=np.int32)  # [C]
+        self.seq_cells: dict[int, np.ndarray] = {}  # seq -> [P] cell per position, NONE where none
 
     # ------------------------------------------------------------------------------------------
     # inspection
@@ -65,15 +75,22 @@ class KVCache:
     def n_used(self) -> int:
         return int(np.count_nonzero(self.cell_pos >= 0))
 
+    def seqs_in_use(self) -> list[int]:
+        """Sequences that see at least one cell, ascending."""
+        return sorted(self.seq_cells)
+
     def positions(self, seq: int) -> list[int]:
         """Positions sequence `seq` sees, ascending."""
-        return sorted(int(p) for p in self.cell_pos[self.cell_seqs[:, self._seq(seq)]])
+        row = self.seq_cells.get(self._seq(seq))
+        return [] if row is None else np.flatnonzero(row >= 0).tolist()
 
     def cells(self) -> list[tuple[int, int, tuple[int, ...]]]:
         """(cell, position, sequences) for every used cell: a readable dump for teaching."""
-        used = np.flatnonzero(self.cell_pos >= 0)
-        return [(int(j), int(self.cell_pos[j]), tuple(int(s) for s in np.flatnonzero(self.cell_seqs[j])))
-                for j in used]
+        seen: dict[int, list[int]] = {}
+        for seq in sorted(self.seq_cells):
+            for cell in self.seq_cells[seq][self.seq_cells[seq] >= 0]:
+                seen.setdefault(int(cell), []).append(seq)
+        return [(cell, int(self.cell_pos[cell]), tuple(seen[cell])) for cell in sorted(seen)]
 
     def visible(self, seq_ids: Iterable[int], pos: int) -> np.ndarray:
         """Cells a row of sequences `seq_ids` at position `pos` attends to, ascending position.  -> [N]
@@ -81,15 +98,21 @@ class KVCache:
         The row's sequences must agree on the history: seeing two cells at one position is an
         error.
         """
-        seqs = [self._seq(s) for s in seq_ids]
-        mask = self.cell_seqs[:, seqs].any(axis=1) & (self.cell_pos <= pos)  # [C]
-        idx = np.flatnonzero(mask)  # cell ids, ascending
-        order = np.argsort(self.cell_pos[idx], kind="stable")
-        idx, pos_seen = idx[order], self.cell_pos[idx][order]  # ascending position
-        if np.any(pos_seen[1:] == pos_seen[:-1]):
-            raise KVCacheError(f"a row of sequences {sorted(seqs)} would see two cells at one position: "
+        rows = [self.seq_cells[s][: pos + 1] for s in {self._seq(s) for s in seq_ids} if s in self.seq_cells]
+        if not rows:
+            return np.zeros(0, dtype=np.int64)
+        if len(rows) == 1:
+            return rows[0][rows[0] >= 0]
+        stacked = np.full((len(rows), max(r.shape[0] for r in rows)), NONE, dtype=np.int64)  # [seqs, P]
+        for i, r in enumerate(rows):
+            stacked[i, : r.shape[0]] = r
+        seen = stacked >= 0
+        highest = stacked.max(axis=0)  # [P] the cell seen at each position, if only one
+        lowest = np.where(seen, stacked, np.iinfo(np.int64).max).min(axis=0)  # [P]
+        if np.any(seen.any(axis=0) & (lowest != highest)):
+            raise KVCacheError(f"a row of sequences {sorted(set(seq_ids))} would see two cells at one position: "
                                "its sequences disagree about the history")
-        return idx
+        return highest[highest >= 0]
 
     def gather(self, layer: int, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """K and V of `cells` for one layer, copied into fresh canonical arrays.  -> [KVH, N, HD] each
@@ -116,24 +139,25 @@ class KVCache:
         T = len(positions)
         if len(seq_ids) != T:
             raise KVCacheError(f"{T} positions but {len(seq_ids)} sequence sets")
-        rows = [(int(pos), [self._seq(s) for s in seqs]) for pos, seqs in zip(positions, seq_ids)]
+        rows = [(int(pos), sorted({self._seq(s) for s in seqs})) for pos, seqs in zip(positions, seq_ids)]
         taken: set[tuple[int, int]] = set()  # (sequence, position) pairs this batch claims
-        for pos, cols in rows:
-            if pos < 0 or not cols:
-                raise KVCacheError(f"a row needs a position >= 0 and at least one sequence, got {pos}, {cols}")
-            claims = {(s, pos) for s in cols}
-            in_cache = (self.cell_pos == pos) & self.cell_seqs[:, cols].any(axis=1)
-            if claims & taken or in_cache.any():
-                raise KVCacheError(f"position {pos} already has a cell in sequence(s) {sorted(cols)}")
+        for pos, seqs in rows:
+            if pos < 0 or not seqs:
+                raise KVCacheError(f"a row needs a position >= 0 and at least one sequence, got {pos}, {seqs}")
+            claims = {(s, pos) for s in seqs}
+            if claims & taken or any(self._cell_at(s, pos) != NONE for s in seqs):
+                raise KVCacheError(f"position {pos} already has a cell in sequence(s) {seqs}")
             taken |= claims
         free = np.flatnonzero(self.cell_pos < 0)
         if free.shape[0] < T:
             self._grow(self.n_used + T)
             free = np.flatnonzero(self.cell_pos < 0)
         cells = free[:T]
-        for cell, (pos, cols) in zip(cells, rows):
+        for cell, (pos, seqs) in zip(cells, rows):
             self.cell_pos[cell] = pos
-            self.cell_seqs[cell, cols] = True
+            self.cell_refs[cell] = len(seqs)
+            for s in seqs:
+                self._row(s, pos + 1)[pos] = cell
         return cells
 
     def write(self, layer: int, cells: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
@@ -144,27 +168,42 @@ class KVCache:
     def seq_cp(self, src: int, dst: int, p0: int = 0, p1: int | None = None) -> None:
         """Make cells of `src` with p0 <= pos < p1 visible to `dst` as well."""
         s, d = self._seq(src), self._seq(dst)
-        chosen = self.cell_seqs[:, s] & self._in_range(p0, p1)  # [C]
-        others = self.cell_seqs[:, d] & ~chosen  # cells dst already sees
-        if others.any() and chosen.any():
-            taken = np.zeros(int(self.cell_pos.max()) + 1, dtype=bool)  # positions dst already holds
-            taken[self.cell_pos[others]] = True
-            if taken[self.cell_pos[chosen]].any():
-                raise KVCacheError(f"seq_cp({src} -> {dst}) would give sequence {dst} two cells at one position")
-        self.cell_seqs[chosen, d] = True
+        if s not in self.seq_cells or s == d:
+            return
+        source = self.seq_cells[s]
+        lo, hi = max(p0, 0), source.shape[0] if p1 is None else min(p1, source.shape[0])
+        if lo >= hi:
+            return
+        chosen = source[lo:hi]  # [n]
+        target = self._row(d, hi)[lo:hi]  # [n] (a view: writes go to dst's array)
+        has = chosen >= 0
+        if np.any(has & (target >= 0) & (target != chosen)):
+            raise KVCacheError(f"seq_cp({src} -> {dst}) would give sequence {dst} two cells at one position")
+        new = has & (target < 0)
+        target[new] = chosen[new]
+        self.cell_refs[chosen[new]] += 1  # one sequence sees each cell once: no repeated indices
+        if not (self.seq_cells[d] >= 0).any():  # nothing was there to copy
+            del self.seq_cells[d]
 
     def seq_rm(self, seq: int | None, p0: int = 0, p1: int | None = None) -> None:
         """Sequence `seq` (None: every sequence) stops seeing cells with p0 <= pos < p1."""
-        in_range = self._in_range(p0, p1)
-        if seq is None:
-            self.cell_seqs[in_range, :] = False
-        else:
-            self.cell_seqs[in_range, self._seq(seq)] = False
-        self.cell_pos[~self.cell_seqs.any(axis=1)] = -1
+        for s in list(self.seq_cells) if seq is None else [self._seq(seq)]:
+            row = self.seq_cells.get(s)
+            if row is None:
+                continue
+            span = row[max(p0, 0): row.shape[0] if p1 is None else max(p1, 0)]  # a view into the row
+            dropped = span[span >= 0]
+            self.cell_refs[dropped] -= 1
+            span[:] = NONE
+            freed = dropped[self.cell_refs[dropped] == 0]
+            self.cell_pos[freed] = -1
+            if not (row >= 0).any():
+                del self.seq_cells[s]
 
     def clear(self) -> None:
         self.cell_pos[:] = -1
-        self.cell_seqs[:] = False
+        self.cell_refs[:] = 0
+        self.seq_cells.clear()
 
     # ------------------------------------------------------------------------------------------
     # helpers
@@ -174,9 +213,19 @@ class KVCache:
             raise KVCacheError(f"sequence id {seq} is outside 0..{self.n_seqs - 1}")
         return int(seq)
 
-    def _in_range(self, p0: int, p1: int | None) -> np.ndarray:
-        p1 = INF if p1 is None else p1
-        return (self.cell_pos >= max(p0, 0)) & (self.cell_pos < p1)  # [C]
+    def _cell_at(self, seq: int, pos: int) -> int:
+        row = self.seq_cells.get(seq)
+        return NONE if row is None or pos >= row.shape[0] else int(row[pos])
+
+    def _row(self, seq: int, length: int) -> np.ndarray:
+        """Sequence `seq`'s position array, created or grown to hold `length` positions."""
+        row = self.seq_cells.get(seq)
+        if row is None or row.shape[0] < length:
+            grown = np.full(max(16, 1 << max(0, length - 1).bit_length()), NONE, dtype=np.int64)
+            if row is not None:
+                grown[: row.shape[0]] = row
+            self.seq_cells[seq] = row = grown
+        return row
 
     def _grow(self, needed: int) -> None:
         old = self.capacity
@@ -187,4 +236,4 @@ class KVCache:
             grown[:, :, :old, :] = getattr(self, name)
             setattr(self, name, grown)
         self.cell_pos = np.concatenate([self.cell_pos, np.full(new - old, -1, dtype=np.int64)])
-        self.cell_seqs = np.concatenate([self.cell_seqs, np.zeros((new - old, self.n_seqs), dtype=bool)])
+        self.cell_refs = np.concatenate([self.cell_refs, np.zeros(new - old, dtype=np.int32)])

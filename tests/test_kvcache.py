@@ -112,6 +112,13 @@ class KVCacheRules(RuleBasedStateMachine):
         assert self.cache.n_used == len(self.model)
 
     @invariant()
+    def every_used_cell_counts_the_sequences_that_see_it(self):
+        used = self.cache.cell_pos >= 0
+        got = sorted((int(self.cache.cell_pos[j]), int(self.cache.cell_refs[j])) for j in np.flatnonzero(used))
+        assert got == sorted((p, len(s)) for p, s in self.model.values())
+        assert not self.cache.cell_refs[~used].any()
+
+    @invariant()
     def one_cell_per_sequence_and_position(self):
         for seq in range(N_SEQS):
             pos = self.cache.positions(seq)
