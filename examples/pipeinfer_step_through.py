@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minipipe.config import load_config  # noqa: E402
 from minipipe.draft import DraftModel  # noqa: E402
+from minipipe.events import Narrator  # noqa: E402
 from minipipe.greedy import generate_greedy  # noqa: E402
 from minipipe.model import load_stage  # noqa: E402
 from minipipe.paths import DEFAULT_DRAFT, resolve_model  # noqa: E402
@@ -48,18 +49,17 @@ def main() -> None:
     tracer = Tracer()
 
     def narrate(sentence: str) -> None:
-        runs = [r.run_id for r in strategy.inflight] if hasattr(strategy, "inflight") else []
-        print(f"t={pipe.now() * 1e3:7.2f} ms  in flight {str(runs):<22} {sentence}")
+        print(f"t={pipe.now() * 1e3:7.2f} ms  {sentence}")
 
-    strategy = PipeInferStrategy(DraftModel(draft), p_accept=0.05, n_draft=3, branches=2, max_inflight=6,
-                                 narrate=narrate)
+    strategy = PipeInferStrategy(DraftModel(draft), p_accept=0.05, n_draft=3, branches=2, max_inflight=6)
     pipe = LocalPipeline(load_stage_models(target_dir, split_layers(config.n_layers, 3)), n_seqs=strategy.n_seqs,
                          cost=cost, tracer=tracer)
     print(f"prompt {args.prompt!r}: {len(prompt)} tokens; PipeInfer with p_accept 0.05, up to 3 drafted tokens "
           "and 2 branches per run, 6 runs in flight\n")
-    result = generate(strategy, pipe, prompt, args.tokens, tok.eos_ids, config.max_positions)
+    narrator = Narrator(narrate, text=lambda t: tok.decode([t]))
+    result = generate(strategy, pipe, prompt, args.tokens, tok.eos_ids, config.max_positions, listeners=[narrator])
     print("\n" + tracer.timeline(width=110))
-    print(f"\n{strategy.stats.summary()}")
+    print(f"\n{result.metrics.extra['speculation'].summary()}")
     expected = generate_greedy(target, prompt, args.tokens, tok.eos_ids).tokens
     print(f"generated {tok.decode(result.tokens)!r}")
     print(f"same as greedy decoding: {result.tokens == expected}")

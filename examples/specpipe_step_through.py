@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minipipe.config import load_config  # noqa: E402
 from minipipe.draft import DraftModel  # noqa: E402
+from minipipe.events import Narrator  # noqa: E402
 from minipipe.greedy import generate_greedy  # noqa: E402
 from minipipe.model import load_stage  # noqa: E402
 from minipipe.paths import DEFAULT_DRAFT, resolve_model  # noqa: E402
@@ -51,14 +52,15 @@ def main() -> None:
     def narrate(sentence: str) -> None:
         print(f"t={pipe.now() * 1e3:7.2f} ms  {sentence}")
 
-    strategy = SpecPipeStrategy(DraftModel(draft), width=args.width, narrate=narrate)
+    strategy = SpecPipeStrategy(DraftModel(draft), width=args.width)
     pipe = LocalPipeline(load_stage_models(target_dir, split_layers(config.n_layers, args.stages)),
                          n_seqs=strategy.n_seqs, cost=cost, tracer=tracer)
     print(f"prompt {args.prompt!r}: {len(prompt)} tokens; SpecPipe on {args.stages} stages, "
           f"{args.width} node(s) per layer\n")
-    result = generate(strategy, pipe, prompt, args.tokens, tok.eos_ids, config.max_positions)
+    narrator = Narrator(narrate, text=lambda t: tok.decode([t]))
+    result = generate(strategy, pipe, prompt, args.tokens, tok.eos_ids, config.max_positions, listeners=[narrator])
     print("\n" + tracer.timeline(width=110))
-    print(f"\n{strategy.stats.summary()}")
+    print(f"\n{result.metrics.extra['speculation'].summary()}")
     expected = generate_greedy(target, prompt, args.tokens, tok.eos_ids).tokens
     print(f"generated {tok.decode(result.tokens)!r}")
     print(f"same as greedy decoding: {result.tokens == expected}")

@@ -20,8 +20,9 @@ decides how much speculative work is useful.
 
 from __future__ import annotations
 
+import copy
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -38,6 +39,13 @@ class DraftSource:
 
     def reset(self, prompt: Sequence[int]) -> None:
         """A new generation starts after `prompt`."""
+
+    def fork(self, prompt: Sequence[int]) -> "DraftSource":
+        """A source for one new request after `prompt`, with its own state (a draft model's
+        cache, an oracle's continuation) and shared, read-only parts (the weights)."""
+        clone = copy.copy(self)
+        clone.reset(prompt)
+        return clone
 
     def top(self, context: Sequence[int], k: int) -> list[Guess]:
         """Up to k guesses for the token after `context`, most probable first."""
@@ -69,16 +77,21 @@ class DraftModel(DraftSource):
     new context the model keeps the longest common prefix, drops the rest (`seq_rm`) and runs
     only the new suffix — so extending a chain costs one row per token, and hopping between
     tree branches costs the length of the branch suffix.
+
+    `target_vocab`: the target's vocabulary size. A draft may know a few more tokens than the
+    target (padded embeddings); it never proposes those: their probability is 0 and they are
+    cut from the distribution, which has `min(draft vocabulary, target_vocab)` entries.
     """
 
     name = "draft-model"
 
-    def __init__(self, model: StageModel):
+    def __init__(self, model: StageModel, target_vocab: int | None = None):
         assert model.is_first and model.is_last, "a draft model holds all its layers"
         self.model = model
+        self.vocab = model.config.vocab_size if target_vocab is None else min(target_vocab, model.config.vocab_size)
         self.cache = model.new_cache(capacity=256)
         self.cached: list[int] = []
-        self.last_probs: np.ndarray | None = None  # [V] distribution after `cached`
+        self.last_probs: np.ndarray | None = None  # [V'] distribution after `cached`, V' = self.vocab
         self.n_rows = 0
 
     @property
@@ -90,8 +103,12 @@ class DraftModel(DraftSource):
         self.cache.clear()
         self.cached, self.last_probs = [], None
 
+    def fork(self, prompt: Sequence[int]) -> "DraftModel":
+        """The same weights, a cache of its own."""
+        return DraftModel(self.model, self.vocab)
+
     def distribution(self, context: Sequence[int]) -> np.ndarray:
-        """The draft's next-token probabilities after `context`.  -> [V]"""
+        """The draft's next-token probabilities after `context`, over the ids the target knows.  -> [V']"""
         context = [int(t) for t in context]
         if context == self.cached and self.last_probs is not None:
             return self.last_probs
@@ -111,7 +128,7 @@ class DraftModel(DraftSource):
         if not prefill:  # a long suffix is the prompt: its cost overlaps the target's prefill
             self.n_rows += len(new)
         self.cached = context
-        self.last_probs = kernels.softmax(logits[-1])
+        self.last_probs = kernels.softmax(logits[-1])[: self.vocab]  # ids the target cannot embed: never
         return self.last_probs
 
     def top(self, context: Sequence[int], k: int) -> list[Guess]:
@@ -160,14 +177,18 @@ class OracleDraft(DraftSource):
     When the first guess is wrong, the right token may still come later in its ranking: at each
     further rank with probability p/2 (so top-1 accuracy is p, top-2 p + (1-p)·p/2, ... like a
     real draft whose alternatives are sometimes right). `truth` is the greedy continuation after
-    the prompt (e.g. from `generate_greedy`). The first guess reports probability 1.0 (it never
-    stops a chain early), the i-th alternative 0.5**i; every other guess is a distinct wrong token.
+    the prompt (e.g. from `generate_greedy`), or, for several requests, a function from a prompt
+    to its continuation. The first guess reports probability 1.0 (it never stops a chain early),
+    the i-th alternative 0.5**i; every other guess is a distinct wrong token.
     """
 
     name = "oracle"
 
-    def __init__(self, truth: Sequence[int], p: float, vocab_size: int, seed: int = 0):
-        self.truth, self.p, self.vocab_size, self.seed = [int(t) for t in truth], p, vocab_size, seed
+    def __init__(self, truth: Sequence[int] | Callable[[list[int]], Sequence[int]], p: float, vocab_size: int,
+                 seed: int = 0):
+        self.truth_of = truth if callable(truth) else None
+        self.truth = [] if callable(truth) else [int(t) for t in truth]
+        self.p, self.vocab_size, self.seed = p, vocab_size, seed
         self.n_prompt = 0
         self.n_calls = 0
 
@@ -178,6 +199,14 @@ class OracleDraft(DraftSource):
 
     def reset(self, prompt: Sequence[int]) -> None:
         self.n_prompt = len(prompt)
+        if self.truth_of is not None:
+            self.truth = [int(t) for t in self.truth_of(list(prompt))]
+
+    def fork(self, prompt: Sequence[int]) -> "OracleDraft":
+        clone = copy.copy(self)
+        clone.n_calls = 0
+        clone.reset(prompt)
+        return clone
 
     def top(self, context: Sequence[int], k: int) -> list[Guess]:
         self.n_calls += 1

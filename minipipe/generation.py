@@ -22,7 +22,7 @@ from .metrics import GenerationMetrics
 @dataclass
 class Generation:
     tokens: list[int]  # generated ids only (an eos that stopped generation is included)
-    stop_reason: str  # "eos", "length" (token budget) or "context" (model's context is full)
+    stop_reason: str  # "eos", "length" (token budget), "context" (model's context is full), "aborted"
     metrics: GenerationMetrics
 
 
@@ -84,6 +84,11 @@ class TokenSink:
             elif self.next_position >= self.max_positions:
                 self.stop_reason = "context"
         return self.done
+
+    def stop(self, reason: str) -> None:
+        """End generation now for `reason` (e.g. "aborted"), unless it has ended already."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
 
     def result(self) -> Generation:
         if self.clock is None:

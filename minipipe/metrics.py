@@ -106,6 +106,13 @@ class SpeculationStats:
     drafted_at: list[int] = field(default_factory=list)  # [d-1]: verifications with a depth-d draft
     accepted_at: list[int] = field(default_factory=list)  # [d-1]: verifications accepting >= d
 
+    def observe(self, event) -> None:
+        """Count a `Verified` event (other events are not about verification)."""
+        from .events import Verified
+
+        if isinstance(event, Verified):
+            self.record(event.drafted, event.depth, event.accepted)
+
     def record(self, n_drafted: int, depth: int, n_accepted: int) -> None:
         self.drafted += n_drafted
         self.accepted += n_accepted

@@ -3,13 +3,15 @@ cells between them (DESIGN.md §3; PipeInfer's "pipelined KV cache multibufferin
 
 Terms:
 
-* **sequence 0** — the committed text, in every stage's cache.
+* **committed sequence** — the request's committed text, in every stage's cache: the first id
+  of the request's block (`base`; 0 for a single request).
 * **partition** — a group of `width` sequence ids (one per tree branch) lent to one speculative
   run while it is in flight. Runs write only to their own partition, so many runs can be in
   flight at once, each with its own view of the cache, and no K/V is ever copied.
 * **view** — a partition's sequences see the cells of another sequence over a position range
   (the committed prefix, or the previous run of a speculation chain).
-* **commit** — sequence 0 adopts a sequence's cells over a position range: the accepted branch.
+* **commit** — the committed sequence adopts a sequence's cells over a position range: the
+  accepted branch.
 * **release** — a partition's sequences forget all their cells (cells nobody sees any more are
   free) and the partition returns to the free list; used for accepted, rejected and cancelled
   runs alike.
@@ -18,7 +20,7 @@ The manager never touches a cache itself: every method returns KV edits (`KVRemo
 for the head to send down the pipeline, where they travel on the same rings as the runs and are
 applied by every stage in the same order relative to the runs.
 
-Sequence ids: 0, then partition k holds ids `1 + k·width ... (k+1)·width`.
+Sequence ids: `base`, then partition k holds ids `base + 1 + k·width ... base + (k+1)·width`.
 """
 
 from __future__ import annotations
@@ -31,19 +33,20 @@ Partition = tuple[int, ...]
 
 
 class KVMultiBuffer:
-    def __init__(self, n_partitions: int = 32, width: int = 1):
+    def __init__(self, n_partitions: int = 32, width: int = 1, base: int = 0):
         assert n_partitions >= 1 and width >= 1
-        self.n_partitions, self.width = n_partitions, width
+        self.n_partitions, self.width, self.base = n_partitions, width, base
         self.free: deque[Partition] = deque(self.partition(k) for k in range(n_partitions))
         self.in_use: set[Partition] = set()
 
     @property
     def n_seqs(self) -> int:
-        """Sequence ids the stages' caches must hold."""
+        """Sequence ids the manager uses: the committed sequence and every partition."""
         return 1 + self.n_partitions * self.width
 
     def partition(self, k: int) -> Partition:
-        return tuple(range(1 + k * self.width, 1 + (k + 1) * self.width))
+        first = self.base + 1 + k * self.width
+        return tuple(range(first, first + self.width))
 
     def acquire(self) -> Partition | None:
         """A free partition, or None if all are in flight."""
@@ -68,5 +71,5 @@ class KVMultiBuffer:
         return edits
 
     def commit(self, seq: int, p0: int, p1: int) -> list:
-        """Sequence 0 adopts `seq`'s cells in [p0, p1)."""
-        return [KVRemove(0, p0, p1), KVCopy(seq, 0, p0, p1)]
+        """The committed sequence adopts `seq`'s cells in [p0, p1)."""
+        return [KVRemove(self.base, p0, p1), KVCopy(seq, self.base, p0, p1)]

@@ -82,6 +82,22 @@ class Pipeline(ABC):
     def receive(self) -> Result | Cancelled:
         """The oldest answer, waiting for it if needed."""
 
+    def wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the oldest answer; True once it is there (then
+        `receive` returns at once). Runtimes with a better way to wait override this."""
+        deadline = time.monotonic() + timeout
+        while not self.poll():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(1e-3, max(0.0, deadline - time.monotonic())))
+        return True
+
+    def idle_until(self, t: float) -> None:
+        """Nothing is in flight: let the head's clock reach `t` (a request arrives then)."""
+        delay = t - self.now()
+        if delay > 0:
+            time.sleep(delay)
+
     def draft_work(self, n_tokens: int) -> None:
         """The head's draft model computed `n_tokens` rows (the local runtime charges their cost)."""
 

@@ -128,6 +128,33 @@ class LocalPipeline(Pipeline):
             self.clock = max(self.clock, arrival)
         return msg
 
+    def wait(self, timeout: float) -> bool:
+        """Clock mode: simulate the stages until the oldest answer arrives or `timeout` virtual
+        seconds pass (the head's clock moves to whichever comes first). Chooser mode: the stages
+        step until an answer is there (time counts steps)."""
+        if self.cost is None:
+            deadline = self.n_steps + timeout
+            while not self.head_inbox and self._runnable() and self.n_steps < deadline:
+                self._step(self._next_stage(self._runnable()))
+            return bool(self.head_inbox)
+        deadline = self.clock + timeout
+        while not (self.head_inbox and self.head_inbox[0][0] <= deadline):
+            runnable = [i for i in self._runnable() if self._start_time(i) <= deadline]
+            if not runnable:
+                break
+            self._step(self._next_stage(runnable))
+        if self.head_inbox and self.head_inbox[0][0] <= deadline:
+            self.clock = max(self.clock, self.head_inbox[0][0])
+            return True
+        self.clock = max(self.clock, deadline)
+        return False
+
+    def idle_until(self, t: float) -> None:
+        if self.cost is None:  # chooser mode: time counts stage steps
+            self.n_steps = max(self.n_steps, int(t + 0.999999))
+        else:
+            self.clock = max(self.clock, t)
+
     def draft_work(self, n_tokens: int) -> None:
         if self.cost is not None and n_tokens:
             self.clock += self.cost.draft_per_token * n_tokens
@@ -135,7 +162,8 @@ class LocalPipeline(Pipeline):
                                self.clock, "draft")
 
     def now(self) -> float:
-        return self.clock
+        """Virtual seconds (clock mode), or stage steps taken so far (chooser mode)."""
+        return self.clock if self.cost is not None else float(self.n_steps)
 
     def stats(self) -> dict:
         return {f"stage {s.index}": asdict(s.stats) for s in self.stages}

@@ -9,9 +9,10 @@ What a stage does with each message (in arrival order, always):
 | message      | action                                                         | forwards        |
 |--------------|----------------------------------------------------------------|-----------------|
 | `Run`        | unless cancelled: place rows in the cache, run each layer,     | `Run` with the  |
-|              | checking the cancellation map before every layer               | hidden states,  |
-|              |                                                                | or a `Result`   |
-|              | if cancelled (before or between layers): stop                  | `Cancelled`     |
+|              | checking the cancellation map before every layer: the run's    | hidden states,  |
+|              | id, and each row's id (a row whose id is marked is dropped:    | or a `Result`   |
+|              | a cancelled part of a shared micro-batch, a pruned tree node)  | (kept rows)     |
+|              | if the run, or every row, is cancelled: stop                   | `Cancelled`     |
 | `Cancelled`  | nothing to compute (adds its layers to the skipped count)      | the stub        |
 | `KVRemove`,  | apply to this stage's cache, after every earlier run           | the edit (not   |
 | `KVCopy`,    |                                                                | the last stage) |
@@ -89,6 +90,15 @@ class Stage:
             if self.cancels.is_cancelled(run.run_id):
                 self.stats.cancelled_mid_run += state.layer > 0
                 return self._cancel(run, state.n_layers - state.layer)
+            if state.layer > 0 and state.batch.row_ids is not None:  # rows cancelled since the last layer
+                keep = self._unmarked(state.batch.row_ids)
+                if not keep.all():
+                    self.stats.rows_pruned += int((~keep).sum())
+                    if not keep.any():
+                        self.stats.cancelled_mid_run += 1
+                        return self._cancel(run, state.n_layers - state.layer)
+                    state.keep_rows(keep)
+                    self.rows_in_progress = state.batch.n_rows
             model.run_layer(state)
             self.stats.layers_computed += 1
             if state.done:
@@ -96,7 +106,8 @@ class Stage:
             yield  # between layers
         out = model.finish(state)
         self.stats.runs += 1
-        # rows pruned while this stage computed them are not forwarded (SpecPipe's pruning)
+        # rows cancelled while this stage computed them are not forwarded (SpecPipe's pruning)
+        batch = state.batch
         batch, out = self._drop_pruned_rows(batch, out, rows_of_out=batch.want_logits if self.is_last else None)
         if batch.n_rows == 0:
             return self._cancel(run, 0)
@@ -111,13 +122,17 @@ class Stage:
         (or, with `rows_of_out`, one per row where that mask is True)."""
         if batch.row_ids is None:
             return batch, values
-        keep = np.array([not self.cancels.is_cancelled(int(r)) for r in batch.row_ids], dtype=bool)
+        keep = self._unmarked(batch.row_ids)
         if keep.all():
             return batch, values
         if values is not None:
             values = values[keep[rows_of_out]] if rows_of_out is not None else values[keep]
         self.stats.rows_pruned += int((~keep).sum())
         return batch.select(keep), values
+
+    def _unmarked(self, row_ids: np.ndarray) -> np.ndarray:
+        """Which rows are not marked cancelled.  [T] -> [T] bool"""
+        return np.array([not self.cancels.is_cancelled(int(r)) for r in row_ids], dtype=bool)
 
     def _cancel(self, run: Run, layers_left: int) -> list[Message]:
         self.stats.layers_skipped += layers_left

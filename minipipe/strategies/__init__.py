@@ -1,6 +1,7 @@
-"""Decoding strategies (schedulers). Each one emits exactly the tokens of greedy decoding."""
+"""Decoding strategies. Each one emits exactly the tokens of greedy decoding, for every request."""
 
-from .base import Strategy, generate, prefill_pipeline
+from .. import kernels
+from .base import Decoder, Strategy, generate
 from .pipeinfer import PipeInferStrategy
 from .pipeline import PipelineStrategy
 from .specpipe import SpecPipeStrategy
@@ -15,5 +16,12 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 NEEDS_DRAFT = {"speculative", "tree", "pipeinfer", "specpipe"}
 
-__all__ = ["Strategy", "generate", "prefill_pipeline", "PipelineStrategy", "SpeculativeStrategy", "TreeStrategy",
-           "PipeInferStrategy", "SpecPipeStrategy", "STRATEGIES", "NEEDS_DRAFT"]
+
+def largest_run(strategy: Strategy, max_running: int = 1) -> int:
+    """The most rows one micro-batch sends through the pipeline (the process runtime sizes its
+    rings for it): a prefill chunk, or one decode part of every running request."""
+    return max(kernels.PREFILL_CHUNK, max_running * strategy.max_part_rows())
+
+
+__all__ = ["Decoder", "Strategy", "generate", "PipelineStrategy", "SpeculativeStrategy", "TreeStrategy",
+           "PipeInferStrategy", "SpecPipeStrategy", "STRATEGIES", "NEEDS_DRAFT", "largest_run"]

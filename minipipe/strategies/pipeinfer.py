@@ -1,10 +1,11 @@
 """`pipeinfer`: asynchronous continuous speculation with early inference cancellation and
-pipelined KV-cache multibuffering (PipeInfer, Butler et al., SC'24; ALGORITHMS.md §1).
+pipelined KV-cache multibuffering (PipeInfer, Butler et al., SC'24).
 
 The head never waits idle while the pipeline works:
 
 * **Asynchronous speculation.** After every verification that commits tokens, the head launches
-  one *non-speculative* single-token run for the newest committed token (it writes sequence 0,
+  one *non-speculative* single-token run for the newest committed token (it writes the
+  request's committed sequence,
   is never cancelled, and guarantees one committed token per pipeline traversal), then keeps the
   pipeline filled with *speculative* runs while it waits for the oldest result.
 * **Continuous speculation.** Each speculative run is a micro-batch of 1 to `n_draft` drafted
@@ -14,7 +15,7 @@ The head never waits idle while the pipeline works:
   splits when an alternative's probability exceeds `p_split` + the same adjustment, up to
   `branches` branches per run.
 * **KV multibuffering.** Each speculative run writes only its own partition of sequence ids. Its
-  partition first *views* the committed prefix (sequence 0) and, beyond it, the previous run's
+  partition first *views* the committed prefix (the committed sequence) and, beyond it, the previous run's
   first branch — KV edits queued behind those runs, so every stage applies them after computing
   the runs they refer to. Accepted rows are *committed* (adopted into sequence 0); every
   partition is *released* when its run's answer has been consumed.
@@ -34,31 +35,26 @@ the token just before, computed by the run before it in the chain (or the non-sp
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 from ..batch import Batch
 from ..draft import DraftSource
-from ..generation import TokenSink
+from ..events import Answered, Cancelled, Committed, Drafted, Launched, Verified
 from ..metrics import SpeculationStats
 from ..multibuffer import KVMultiBuffer, Partition
-from ..runtime.base import Pipeline
-from ..transport.messages import Cancelled, Run
 from ..tree import TokenTree
-from .base import Strategy
+from .base import Decoder, Part, Strategy
 
 
 @dataclass
 class InFlight:
-    """A run the head has launched and not yet consumed."""
+    """What a launched run assumed (the decoder's bookkeeping for one part)."""
 
-    run_id: int
     start: int  # position of the run's first row
     tree: TokenTree  # root = the token at start - 1 (not a row); rows = nodes 1..
     chain: list[int]  # tokens this run assumes at positions [base, start) beyond the committed text
     base: int  # committed length when launched: positions < base were committed then
-    partition: Partition | None  # None: a non-speculative run (writes sequence 0)
-    cancelled: bool = False
+    partition: Partition | None  # None: a non-speculative run (writes the committed sequence)
 
     @property
     def speculative(self) -> bool:
@@ -91,8 +87,175 @@ class InFlight:
         return [self.tree.nodes[i].token for i in branch], self.start + len(branch) - 1
 
 
+class PipeInferDecoder(Decoder):
+    """One request under PipeInfer."""
+
+    def __init__(self, strategy: "PipeInferStrategy", request, seqs, head):
+        super().__init__(strategy, request, seqs, head)
+        self.draft = strategy.draft.fork(request.prompt)
+        self.buffers = KVMultiBuffer(n_partitions=strategy.max_inflight + 1, width=strategy.branches, base=self.seq)
+        self.n_rejected = 0  # empty drafting attempts since the last accepted token
+        self.burst = 0  # speculative runs launched since the last answer
+        self.declined = False  # drafting came up empty: no more offers until the next answer
+
+    def begin(self) -> None:
+        self.launch_plain()
+
+    # ------------------------------------------------------------------------------------------
+    # answers
+
+    def on_answer(self, part: Part, answer) -> None:
+        """Verify one answer: commit what it proves, adopt its accepted rows, free its partition."""
+        run: InFlight = part.info
+        self.burst, self.declined = 0, False
+        usable = not part.cancelled and not answer.cancelled  # a cancelled run's rows are never used
+        committed_before = len(self.committed)
+        status, node, accepted = run.walk(self.committed)
+        if usable and status == "ok":
+            while node != 0 and len(self.committed) == run.start + len(accepted) and not self.done:
+                token = int(answer.tokens[node - 1])  # row of node = node - 1 (the root is no row)
+                self.commit([token], part)
+                node = run.tree.match(node, token)
+                if node is None:
+                    break
+                accepted.append(node)
+        if run.speculative:  # drafted: every launched token; accepted: those the committed text confirms
+            self.emit(Verified, part=part.id, drafted=len(run.tree) - 1, depth=run.tree.depth,
+                      accepted=len(accepted), outcome=status if usable else "cancelled")
+            if usable and status == "ok" and accepted:  # the committed sequence adopts the accepted rows
+                leaf = run.tree.leaf_below(accepted[-1])
+                seq = run.partition[run.tree.leaves().index(leaf)]
+                self.edit(self.buffers.commit(seq, run.start, run.start + len(accepted)), "commit")
+            self.edit(self.buffers.release(run.partition), "release")
+        if len(self.committed) > committed_before:
+            self.n_rejected = 0
+            self.cancel_invalid()
+            if not self.done:
+                self.launch_plain()
+
+    def cancel_invalid(self) -> None:
+        """Early cancellation: stop speculative runs that can no longer be accepted."""
+        for part in self.inflight:
+            run: InFlight = part.info
+            if not run.speculative or part.cancelled:
+                continue
+            status = run.walk(self.committed)[0]
+            if status != "ok":
+                part.cancelled = True
+                self.cancel([part.id], "it assumed a token the target did not choose" if status == "diverged"
+                            else "it can no longer add anything")
+
+    def release_all(self) -> None:
+        for partition in list(self.buffers.in_use):
+            self.edit(self.buffers.release(partition), "release")
+
+    # ------------------------------------------------------------------------------------------
+    # launching
+
+    def launch_run(self, run: InFlight) -> None:
+        rows = run.tree.batch(run.start - 1, run.partition[0] if run.partition else self.seq, include_root=False)
+        if run.partition is None:
+            rows = Batch.chain(rows.tokens, run.start, (self.seq,))
+        self.launch(rows, "speculative" if run.speculative else "plain", info=run)
+
+    def launch_plain(self) -> None:
+        """The non-speculative run: the newest committed token, into the committed sequence."""
+        C = len(self.committed)
+        tree = TokenTree(self.committed[-2] if C >= 2 else 0)
+        tree.add(0, self.committed[-1], 1.0)
+        self.launch_run(InFlight(C - 1, tree, [], C - 1, None))
+
+    def chain_tail(self) -> InFlight | None:
+        """The latest in-flight speculative run whose first branch still fits the committed text."""
+        C = len(self.committed)
+        for part in reversed(self.inflight):
+            run: InFlight = part.info
+            if not run.speculative or part.cancelled:
+                continue
+            tokens, end = run.branch_end()
+            consistent = run.walk(self.committed)[0] == "ok" and all(
+                self.committed[run.start + i] == t for i, t in enumerate(tokens) if run.start + i < C)
+            if consistent and end >= C - 1:
+                return run
+        return None
+
+    def offer(self) -> bool:
+        """Continuous speculation: one more speculative run continuing the chain, if the cutoff allows."""
+        s: PipeInferStrategy = self.strategy
+        if self.done or self.declined or len(self.inflight) >= s.max_inflight:
+            return False
+        adjust = self.burst * s.p_recovery - self.n_rejected * s.p_decay
+        if s.p_accept + adjust >= 1.0:
+            return False
+        C = len(self.committed)
+        tail = self.chain_tail()
+        if tail is None:
+            chain, start = [], C
+        else:
+            tokens, end = tail.branch_end()
+            chain = tail.chain[C - tail.base:] if C < tail.start else []
+            chain = (chain + tokens[max(0, C - tail.start):]) if C <= end else []
+            start = end + 1
+        limit = self.sink.n_prompt + self.sink.max_new_tokens - 1  # positions worth verifying
+        limit = min(limit, self.sink.max_positions) - start
+        if limit <= 0:
+            return False
+        tree = self.draft_tree(self.committed + chain, self.committed[-1] if not chain else chain[-1],
+                               min(s.n_draft, limit), adjust)
+        if len(tree) == 1:
+            self.n_rejected += 1
+            self.declined = True
+            return False
+        partition = self.buffers.acquire()
+        if partition is None:
+            return False
+        self.edit(self.buffers.view(self.seq, partition, 0, C), "view")
+        if tail is not None and start > C:
+            self.edit(self.buffers.view(tail.partition[self.tail_branch(tail)], partition, C, start), "view")
+        self.launch_run(InFlight(start, tree, chain, C, partition))
+        self.burst += 1
+        return True
+
+    @staticmethod
+    def tail_branch(run: InFlight) -> int:
+        """Index (in the partition) of the sequence that holds the run's first branch."""
+        return run.tree.leaves().index(run.tree.leaf_below(0))
+
+    def draft_tree(self, context: list[int], root_token: int, n_draft: int, adjust: float) -> TokenTree:
+        """PipeInfer's drafting: grow branches step by step, split on confident alternatives."""
+        s: PipeInferStrategy = self.strategy
+        tree = TokenTree(root_token)
+        cutoff, split = s.p_accept + adjust, s.p_split + adjust
+        active, n_branches, n_tokens, stopped_at = [0], 1, 0, None
+        rows_before = self.draft.tokens_computed
+        while active and n_tokens < n_draft:
+            next_active = []
+            for leaf in active:
+                if n_tokens >= n_draft:
+                    break
+                guesses = self.draft.top(context + tree.tokens_to(leaf), 1 + s.branches - n_branches)
+                if not guesses or guesses[0][1] < cutoff:
+                    stopped_at = guesses[0][1] if guesses else stopped_at
+                    continue  # this branch stops
+                next_active.append(tree.add(leaf, *guesses[0]))
+                n_tokens += 1
+                for token, prob in guesses[1:]:
+                    if n_branches < s.branches and prob > split and n_tokens < n_draft:
+                        next_active.append(tree.add(leaf, token, prob))
+                        n_branches += 1
+                        n_tokens += 1
+            active = next_active
+        rows = self.draft.tokens_computed - rows_before
+        self.head.draft_work(rows)
+        self.emit(Drafted, tokens=tuple(n.token for n in tree.nodes[1:]), probs=tuple(n.prob for n in tree.nodes[1:]),
+                  cutoff=cutoff, stopped_at=stopped_at, draft_rows=rows)
+        return tree
+
+
 @dataclass
 class PipeInferStats:
+    """PipeInfer's counters, computed from its events."""
+
     runs_launched: int = 0
     speculative_runs: int = 0
     non_speculative_runs: int = 0
@@ -102,6 +265,25 @@ class PipeInferStats:
     stage_layers_skipped: int = 0  # stage-layers not computed thanks to cancellation
     inflight_depth: list[tuple[float, int]] = field(default_factory=list)  # (head time, runs in flight)
     speculation: SpeculationStats = field(default_factory=SpeculationStats)
+    _kinds: dict = field(default_factory=dict, repr=False)  # part -> kind
+    _last_committer: int | None = field(default=None, repr=False)
+
+    def observe(self, e) -> None:
+        if isinstance(e, Launched) and e.kind != "prefill":
+            self._kinds[e.part] = e.kind
+            self.runs_launched += 1
+            self.speculative_runs += e.kind == "speculative"
+            self.non_speculative_runs += e.kind == "plain"
+            self.inflight_depth.append((e.t, e.in_flight))
+        elif isinstance(e, Answered):
+            self.stage_layers_skipped += e.layers_skipped
+            self.cancelled_too_late += e.too_late
+        elif isinstance(e, Cancelled) and e.reason != "the request is over":
+            self.runs_cancelled += len(e.ids)
+        elif isinstance(e, Committed) and e.part in self._kinds and e.part != self._last_committer:
+            self.runs_verified += 1
+            self._last_committer = e.part
+        self.speculation.observe(e)
 
     def to_dict(self) -> dict:
         depths = [d for _, d in self.inflight_depth]
@@ -136,222 +318,37 @@ class PipeInferStrategy(Strategy):
     p_decay:    lowers the cutoff after empty drafting attempts (fills idle time)
     n_draft:    most drafted tokens per speculative run
     branches:   most branches per run
-    max_inflight: most runs in flight (the original self-regulates; a cap keeps a very fast or
-                always-confident draft from running ahead without bound)
+    max_inflight: most runs in flight per request (the original self-regulates; a cap keeps a
+                very fast or always-confident draft from running ahead without bound); also the
+                most micro-batches in flight
     """
 
     name = "pipeinfer"
+    one_part_in_flight = False
+    offer_while_answer_waits = False  # verify what came back before speculating further
 
     def __init__(self, draft: DraftSource, p_accept: float = 0.5, p_split: float = 0.1, p_recovery: float = 0.0,
-                 p_decay: float = 0.0, n_draft: int = 16, branches: int = 1, max_inflight: int = 16,
-                 narrate=None):
+                 p_decay: float = 0.0, n_draft: int = 16, branches: int = 1, max_inflight: int = 16):
         self.draft = draft
-        self.narrate = narrate  # called with one sentence per decision (examples, teaching)
         self.p_accept, self.p_split, self.p_recovery, self.p_decay = p_accept, p_split, p_recovery, p_decay
         self.n_draft, self.branches, self.max_inflight = n_draft, branches, max_inflight
-        self.buffers = KVMultiBuffer(n_partitions=max_inflight + 1, width=branches)
-        self.n_seqs = self.buffers.n_seqs
-        self.stats = PipeInferStats()
 
-    # ------------------------------------------------------------------------------------------
+    @property
+    def seqs_per_request(self) -> int:
+        return KVMultiBuffer(n_partitions=self.max_inflight + 1, width=self.branches).n_seqs
 
-    def decode(self, pipe: Pipeline, prompt: list[int], first_token: int, sink: TokenSink) -> None:
-        self.pipe, self.sink, self.committed = pipe, sink, list(prompt) + [first_token]
-        self.inflight: deque[InFlight] = deque()
-        self.n_rejected = 0
-        self.draft.reset(prompt)
-        self.launch_plain()
-        self.speculate()
-        while not sink.done:
-            answer = pipe.receive()  # the oldest run's answer (waits only when speculation is exhausted)
-            run = self.inflight.popleft()
-            assert answer.run_id == run.run_id, f"answers out of order: {answer.run_id} != {run.run_id}"
-            self.consume(run, answer)
-            self.speculate()
-        self.finish()
+    @property
+    def max_inflight_runs(self) -> int:
+        return self.max_inflight
 
-    def finish(self) -> None:
-        """The generation is over: cancel every run still in flight, wait for their answers (none
-        is used) and free their partitions, so the caches hold only the committed text."""
-        for run in self.inflight:
-            if run.speculative and not run.cancelled:
-                run.cancelled = True
-                self.pipe.cancel(run.run_id)
-        while self.inflight:
-            self.pipe.receive()
-            run = self.inflight.popleft()
-            if run.speculative:
-                self.submit(self.buffers.release(run.partition))
+    def max_part_rows(self) -> int:
+        return self.n_draft  # drafted tokens (the root is computed by an earlier run)
 
-    def consume(self, run: InFlight, answer) -> None:
-        """Verify one answer: commit what it proves, adopt its accepted rows, free its partition."""
-        if isinstance(answer, Cancelled):
-            self.stats.stage_layers_skipped += answer.layers_skipped
-        # a cancelled run may have stopped part-way at some stage: its rows are never used
-        usable = not run.cancelled and not isinstance(answer, Cancelled)
-        self.stats.cancelled_too_late += run.cancelled and not isinstance(answer, Cancelled)
-        if isinstance(answer, Cancelled):
-            self.say(f"run {run.run_id} comes back as a cancelled stub ({answer.layers_skipped} stage-layers skipped)")
-        committed_before = len(self.committed)
-        status, node, accepted = run.walk(self.committed)
-        consistent = status == "ok"
-        if usable and consistent:
-            while node != 0 and len(self.committed) == run.start + len(accepted) and not self.sink.done:
-                token = int(answer.tokens[node - 1])  # row of node = node - 1 (the root is no row)
-                self.commit([token])
-                node = run.tree.match(node, token)
-                if node is None:
-                    break
-                accepted.append(node)
-        if usable and status == "diverged":
-            self.say(f"run {run.run_id} answers, but it assumed a token the target did not choose: ignored")
-        elif usable and status == "stale":
-            self.say(f"run {run.run_id} answers, but the committed text has already moved past it: ignored")
-        elif usable and len(self.committed) > committed_before:
-            self.say(f"run {run.run_id} answers: commits {self.committed[committed_before:]}"
-                     + (f" ({len(accepted)} drafted token(s) confirmed)" if run.speculative and accepted else ""))
-        elif usable:
-            self.say(f"run {run.run_id} answers: nothing new (its positions are already committed)")
-        if run.speculative:  # drafted: every launched token; accepted: those the committed text confirms
-            self.stats.speculation.record(len(run.tree) - 1, run.tree.depth, len(accepted))
-            edits = []
-            if usable and consistent and accepted:  # sequence 0 adopts the accepted rows (greedy's own K/V)
-                leaf = run.tree.leaf_below(accepted[-1])
-                seq = run.partition[run.tree.leaves().index(leaf)]
-                edits += self.buffers.commit(seq, run.start, run.start + len(accepted))
-                self.say(f"KV: sequence 0 adopts sequence {seq}'s cells at positions "
-                         f"{run.start}..{run.start + len(accepted) - 1}")
-            self.submit(edits + self.buffers.release(run.partition))
-        if len(self.committed) > committed_before:
-            self.stats.runs_verified += 1
-            self.n_rejected = 0
-            self.cancel_invalid()
-            if not self.sink.done:
-                self.launch_plain()
+    def speculative_cells(self) -> int:
+        return self.max_inflight * self.n_draft
 
-    def say(self, sentence: str) -> None:
-        if self.narrate is not None:
-            self.narrate(sentence)
+    def decoder(self, request, seqs, head) -> PipeInferDecoder:
+        return PipeInferDecoder(self, request, seqs, head)
 
-    def commit(self, tokens: list[int]) -> None:
-        for t in tokens:
-            self.committed.append(t)
-            self.sink.add([t])
-            self.pipe.mark(f"commit {t}", "commit")
-
-    def cancel_invalid(self) -> None:
-        """Early cancellation: stop speculative runs that can no longer be accepted."""
-        for run in self.inflight:
-            status = run.walk(self.committed)[0] if run.speculative and not run.cancelled else "ok"
-            if status != "ok":
-                run.cancelled = True
-                self.say(f"cancel run {run.run_id}: " + ("it assumed a token the target did not choose"
-                                                          if status == "diverged" else "it can no longer add anything"))
-                self.pipe.cancel(run.run_id)
-                self.stats.runs_cancelled += 1
-
-    # ------------------------------------------------------------------------------------------
-    # launching
-
-    def submit(self, edits) -> None:
-        self.pipe.submit_edits(edits)
-
-    def launch(self, run: InFlight) -> None:
-        self.inflight.append(run)
-        rows = run.tree.batch(run.start - 1, run.partition[0] if run.partition else 0, include_root=False)
-        if run.partition is None:
-            rows = Batch.chain(rows.tokens, run.start)  # sequence 0
-        self.pipe.submit(Run(run.run_id, rows, speculative=run.speculative))
-        what = "speculative" if run.speculative else "plain"
-        self.say(f"launch {what} run {run.run_id}: tokens {[int(t) for t in rows.tokens]} at positions "
-                 f"{run.start}..{run.start + run.tree.depth - 1}"
-                 + (f", sequences {run.partition}" if run.partition else ", sequence 0"))
-        self.stats.runs_launched += 1
-        self.stats.inflight_depth.append((self.pipe.now(), len(self.inflight)))
-
-    def launch_plain(self) -> None:
-        """The non-speculative run: the newest committed token, into sequence 0."""
-        C = len(self.committed)
-        tree = TokenTree(self.committed[-2] if C >= 2 else 0)
-        tree.add(0, self.committed[-1], 1.0)
-        self.launch(InFlight(self.pipe.new_run_id(), C - 1, tree, [], C - 1, None))
-        self.stats.non_speculative_runs += 1
-
-    def chain_tail(self) -> InFlight | None:
-        """The latest in-flight speculative run whose first branch still fits the committed text."""
-        C = len(self.committed)
-        for run in reversed(self.inflight):
-            if not run.speculative or run.cancelled:
-                continue
-            tokens, end = run.branch_end()
-            consistent = run.walk(self.committed)[0] == "ok" and all(
-                self.committed[run.start + i] == t for i, t in enumerate(tokens) if run.start + i < C)
-            if consistent and end >= C - 1:
-                return run
-        return None
-
-    def speculate(self) -> None:
-        """Fill the pipeline with speculative runs until an answer waits or the cutoff says stop."""
-        iteration = 0
-        while not self.sink.done and len(self.inflight) < self.max_inflight and not self.pipe.poll():
-            adjust = iteration * self.p_recovery - self.n_rejected * self.p_decay
-            if self.p_accept + adjust >= 1.0:
-                return
-            C = len(self.committed)
-            tail = self.chain_tail()
-            if tail is None:
-                chain, start = [], C
-            else:
-                tokens, end = tail.branch_end()
-                chain = tail.chain[C - tail.base:] if C < tail.start else []
-                chain = (chain + tokens[max(0, C - tail.start):]) if C <= end else []
-                start = end + 1
-            limit = self.sink.n_prompt + self.sink.max_new_tokens - 1  # positions worth verifying
-            limit = min(limit, self.sink.max_positions) - start
-            if limit <= 0:
-                return
-            tree = self.draft_tree(self.committed + chain, self.committed[-1] if not chain else chain[-1],
-                                   min(self.n_draft, limit), adjust)
-            if len(tree) == 1:
-                self.n_rejected += 1
-                return
-            part = self.buffers.acquire()
-            if part is None:
-                return
-            edits = self.buffers.view(0, part, 0, C)
-            if tail is not None and start > C:
-                edits += self.buffers.view(tail.partition[self.tail_branch(tail)], part, C, start)
-            self.submit(edits)
-            self.launch(InFlight(self.pipe.new_run_id(), start, tree, chain, C, part))
-            self.stats.speculative_runs += 1
-            iteration += 1
-
-    @staticmethod
-    def tail_branch(run: InFlight) -> int:
-        """Index (in the partition) of the sequence that holds the run's first branch."""
-        return run.tree.leaves().index(run.tree.leaf_below(0))
-
-    def draft_tree(self, context: list[int], root_token: int, n_draft: int, adjust: float) -> TokenTree:
-        """PipeInfer's drafting: grow branches step by step, split on confident alternatives."""
-        tree = TokenTree(root_token)
-        cutoff, split = self.p_accept + adjust, self.p_split + adjust
-        active, n_branches, n_tokens = [0], 1, 0
-        rows_before = self.draft.tokens_computed
-        while active and n_tokens < n_draft:
-            next_active = []
-            for leaf in active:
-                if n_tokens >= n_draft:
-                    break
-                guesses = self.draft.top(context + tree.tokens_to(leaf), 1 + self.branches - n_branches)
-                if not guesses or guesses[0][1] < cutoff:
-                    continue  # this branch stops
-                next_active.append(tree.add(leaf, *guesses[0]))
-                n_tokens += 1
-                for token, prob in guesses[1:]:
-                    if n_branches < self.branches and prob > split and n_tokens < n_draft:
-                        next_active.append(tree.add(leaf, token, prob))
-                        n_branches += 1
-                        n_tokens += 1
-            active = next_active
-        self.pipe.draft_work(self.draft.tokens_computed - rows_before)
-        return tree
+    def stats(self) -> PipeInferStats:
+        return PipeInferStats()

@@ -1,25 +1,36 @@
 """`pipeline`: plain pipeline parallelism — one token per traversal of all stages.
 
-    loop: send the latest token through stage 0 -> ... -> stage N-1; its greedy answer is the next token
+    per request: send the newest committed token through stage 0 -> ... -> stage N-1;
+                 its greedy answer is the next committed token
 
-With one request there is only ever one run in flight, so every stage but one is idle at any
-moment: this is the baseline that the speculative strategies fill with useful work.
+A request has one run in flight at a time. With one request, every stage but one is idle at
+any moment: the baseline that the speculative strategies fill with useful work. With several
+requests the engine splits them into `n_stages` groups, one micro-batch each, so every stage
+works on some group (continuous batching over a pipeline, as vLLM does with pipeline
+parallelism): one decode row per running request per micro-batch.
 """
 
 from __future__ import annotations
 
 from ..batch import Batch
-from ..generation import TokenSink
-from ..runtime.base import Pipeline
-from ..transport.messages import Run
-from .base import Strategy
+from .base import Decoder, Strategy
+
+
+class PipelineDecoder(Decoder):
+    def begin(self) -> None:
+        self.launch_next()
+
+    def on_answer(self, part, answer) -> None:
+        if not self.commit([int(answer.tokens[0])], part):
+            self.launch_next()
+
+    def launch_next(self) -> None:
+        """The newest committed token, at its position, into the committed sequence."""
+        self.launch(Batch.chain([self.committed[-1]], len(self.committed) - 1, (self.seq,)), "plain")
 
 
 class PipelineStrategy(Strategy):
     name = "pipeline"
 
-    def decode(self, pipe: Pipeline, prompt: list[int], first_token: int, sink: TokenSink) -> None:
-        while not sink.done:
-            run = Run(pipe.new_run_id(), Batch.chain([sink.tokens[-1]], sink.next_position))
-            pipe.submit(run)
-            sink.add([int(pipe.receive().tokens[0])])
+    def decoder(self, request, seqs, head) -> PipelineDecoder:
+        return PipelineDecoder(self, request, seqs, head)

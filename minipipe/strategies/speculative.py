@@ -1,32 +1,75 @@
 """Synchronous speculative decoding over the pipeline: `speculative` (a chain) and `tree` (SpecInfer).
 
-One iteration (ALGORITHMS.md §0, §2):
+One iteration, per request:
 
-    1. draft    — the head's draft source proposes a chain of up to k tokens (`speculative`) or
-                  a token tree (`tree`) after the committed text
-    2. verify   — one run through every stage: the root (the last committed token, whose K/V is
-                  not cached yet) plus every drafted token, each branch in its own sequence of a
-                  multibuffer partition, so each row attends to the committed prefix and its own
-                  ancestors only
+    1. draft    — the draft source proposes a chain of up to k tokens (`speculative`) or a token
+                  tree (`tree`) after the committed text
+    2. verify   — one part through every stage: the root (the newest committed token, whose
+                  K/V is not cached yet) plus every drafted token, each branch in its own
+                  sequence of a multibuffer partition, so each row attends to the committed
+                  prefix and its own ancestors only
     3. accept   — walk from the root by parent pointer while the target's argmax matches a child;
                   commit those tokens plus the target's argmax at the last accepted node (bonus)
-    4. KV edits — sequence 0 adopts the accepted rows; the partition is released (rejected rows'
-                  cells become free)
+    4. KV edits — the committed sequence adopts the accepted rows; the partition is released
+                  (rejected rows' cells become free)
 
 A chain is a tree with one branch, so both strategies share this code; they differ only in how
 the tree is grown. Only target argmaxes are ever committed, so the output is greedy decoding's.
+Several requests verify in shared micro-batches, each waiting for its own answer.
 """
 
 from __future__ import annotations
 
 from ..draft import DraftSource
-from ..generation import TokenSink
+from ..events import Drafted, Verified
 from ..metrics import SpeculationStats
 from ..multibuffer import KVMultiBuffer
-from ..runtime.base import Pipeline
-from ..transport.messages import Result, Run
 from ..tree import SPECINFER_SCHEDULE, TokenTree
-from .base import Strategy
+from .base import Decoder, Strategy
+
+
+class VerifyDecoder(Decoder):
+    """One request: draft a tree, verify it in one part, commit, repeat."""
+
+    def __init__(self, strategy: "TreeVerification", request, seqs, head):
+        super().__init__(strategy, request, seqs, head)
+        self.draft = strategy.draft.fork(request.prompt)
+        self.buffers = KVMultiBuffer(n_partitions=1, width=strategy.max_leaves, base=self.seq)
+
+    def begin(self) -> None:
+        self.verify_next()
+
+    def verify_next(self) -> None:
+        root_pos = len(self.committed) - 1  # the newest committed token: its K/V is not cached yet
+        # never draft past the token budget or the model's context
+        max_depth = min(self.sink.max_new_tokens - len(self.sink.tokens) - 1, self.sink.max_positions - 1 - root_pos)
+        tree = TokenTree(self.committed[-1])
+        if max_depth > 0:
+            rows_before = self.draft.tokens_computed
+            self.strategy.grow(tree, self.draft, self.committed, max_depth)
+            rows = self.draft.tokens_computed - rows_before
+            self.head.draft_work(rows)
+            drafted = tree.nodes[1:]
+            self.emit(Drafted, tokens=tuple(n.token for n in drafted), probs=tuple(n.prob for n in drafted),
+                      draft_rows=rows)
+        part = self.buffers.acquire()
+        self.edit(self.buffers.view(self.seq, part, 0, root_pos), "view")
+        self.launch(tree.batch(root_pos, part[0]), "verify" if len(tree) > 1 else "plain", info=(tree, part))
+
+    def on_answer(self, launched, answer) -> None:
+        tree, part = launched.info
+        root_pos = int(launched.batch.positions[0])
+        accepted, committed = tree.verify(answer.tokens)
+        self.emit(Verified, part=launched.id, drafted=len(tree) - 1, depth=tree.depth, accepted=len(accepted))
+        branch = part[tree.leaves().index(tree.leaf_below(accepted[-1] if accepted else 0))]
+        self.edit(self.buffers.commit(branch, root_pos, root_pos + len(accepted) + 1), "commit")
+        self.edit(self.buffers.release(part), "release")
+        if not self.commit(committed, launched):
+            self.verify_next()
+
+    def release_all(self) -> None:
+        for part in list(self.buffers.in_use):
+            self.edit(self.buffers.release(part), "release")
 
 
 class TreeVerification(Strategy):
@@ -36,35 +79,22 @@ class TreeVerification(Strategy):
 
     def __init__(self, draft: DraftSource):
         self.draft = draft
-        self.buffers = KVMultiBuffer(n_partitions=1, width=self.max_leaves)
-        self.n_seqs = self.buffers.n_seqs
-        self.stats = SpeculationStats()
 
-    def grow(self, tree: TokenTree, context: list[int], max_depth: int) -> None:
+    @property
+    def seqs_per_request(self) -> int:
+        return KVMultiBuffer(n_partitions=1, width=self.max_leaves).n_seqs
+
+    def grow(self, tree: TokenTree, draft: DraftSource, context: list[int], max_depth: int) -> None:
         raise NotImplementedError
 
-    def decode(self, pipe: Pipeline, prompt: list[int], first_token: int, sink: TokenSink) -> None:
-        self.draft.reset(prompt)
-        while not sink.done:
-            root_pos = sink.next_position
-            # never draft past the token budget or the model's context
-            max_depth = min(sink.max_new_tokens - len(sink.tokens) - 1, sink.max_positions - 1 - root_pos)
-            tree = TokenTree(sink.tokens[-1])
-            if max_depth > 0:
-                rows_before = self.draft.tokens_computed
-                self.grow(tree, prompt + sink.tokens, max_depth)
-                pipe.draft_work(self.draft.tokens_computed - rows_before)
-            part = self.buffers.acquire()
-            pipe.submit_edits(self.buffers.view(0, part, 0, root_pos))
-            pipe.submit(Run(pipe.new_run_id(), tree.batch(root_pos, part[0]), speculative=len(tree) > 1))
-            answer = pipe.receive()
-            assert isinstance(answer, Result), "a synchronous verification is never cancelled"
-            accepted, committed = tree.verify(answer.tokens)
-            self.stats.record(len(tree) - 1, tree.depth, len(accepted))
-            branch = part[tree.leaves().index(tree.leaf_below(accepted[-1] if accepted else 0))]
-            pipe.submit_edits(self.buffers.commit(branch, root_pos, root_pos + len(accepted) + 1)
-                              + self.buffers.release(part))
-            sink.add(committed)
+    def decoder(self, request, seqs, head) -> VerifyDecoder:
+        return VerifyDecoder(self, request, seqs, head)
+
+    def stats(self) -> SpeculationStats:
+        return SpeculationStats()
+
+    def speculative_cells(self) -> int:
+        return self.max_part_rows()
 
 
 class SpeculativeStrategy(TreeVerification):
@@ -80,10 +110,13 @@ class SpeculativeStrategy(TreeVerification):
         super().__init__(draft)
         self.k, self.min_confidence = k, min_confidence
 
-    def grow(self, tree: TokenTree, context: list[int], max_depth: int) -> None:
+    def grow(self, tree: TokenTree, draft: DraftSource, context: list[int], max_depth: int) -> None:
         node = 0
-        for token, prob in self.draft.propose_chain(context, min(self.k, max_depth), self.min_confidence):
+        for token, prob in draft.propose_chain(context, min(self.k, max_depth), self.min_confidence):
             node = tree.add(node, token, prob)
+
+    def max_part_rows(self) -> int:
+        return 1 + self.k  # the root and the chain
 
 
 class TreeStrategy(TreeVerification):
@@ -102,11 +135,20 @@ class TreeStrategy(TreeVerification):
         self.max_leaves = budget if budget is not None else _product(self.schedule)
         super().__init__(draft)
 
-    def grow(self, tree: TokenTree, context: list[int], max_depth: int) -> None:
+    def grow(self, tree: TokenTree, draft: DraftSource, context: list[int], max_depth: int) -> None:
         if self.budget is not None:
-            tree.expand_best_first(self.draft, context, self.budget, self.width, self.min_confidence, max_depth)
+            tree.expand_best_first(draft, context, self.budget, self.width, self.min_confidence, max_depth)
         else:
-            tree.expand_schedule(self.draft, context, self.schedule[:max_depth], self.min_confidence)
+            tree.expand_schedule(draft, context, self.schedule[:max_depth], self.min_confidence)
+
+    def max_part_rows(self) -> int:
+        if self.budget is not None:
+            return 1 + self.budget
+        nodes, width = 0, 1
+        for w in self.schedule:
+            width *= w
+            nodes += width
+        return 1 + nodes
 
 
 def _product(widths) -> int:
