@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--slow-link-ms", type=float, default=0.0, metavar="MS",
                      help="local runtime: add MS milliseconds to every hop between stages, to study a slow "
                           "interconnect (default 0)")
+    gen.add_argument("--stage-timeout", type=float, default=60.0, metavar="SECONDS",
+                     help="process runtime: stop with an error naming the stage when a stage has work waiting "
+                          "but shows no sign of life for SECONDS (stopped, deadlocked), ending every process "
+                          "(default 60; 0: never). A stage busy with a long prompt shows progress after "
+                          "every layer, so it is not mistaken for a stalled one")
     gen.add_argument("--trace", metavar="FILE",
                      help="write a Chrome trace-event JSON of every stage's work (open in ui.perfetto.dev)")
     gen.add_argument("--timeline", action="store_true",
@@ -250,7 +255,7 @@ def _run_strategy(args, config, prompt_ids, eos_ids, on_token, show_progress):
         raise InputError("--threads applies to --strategy greedy (pipeline stages use one BLAS thread each)")
 
     from .runtime import open_pipeline
-    from .strategies import generate
+    from .strategies import generate, largest_run
     from .trace import Tracer
 
     split = None
@@ -272,7 +277,10 @@ def _run_strategy(args, config, prompt_ids, eos_ids, on_token, show_progress):
             print(f"[local] virtual clock calibrated here: {cost.describe()}", file=sys.stderr)
     elif args.slow_link_ms:
         raise InputError("--slow-link-ms needs --runtime local")
-    with open_pipeline(args.model, args.runtime, n_stages, split, strategy.n_seqs, tracer=tracer, cost=cost) as pipe:
+    if not (math.isfinite(args.stage_timeout) and (args.stage_timeout == 0 or args.stage_timeout >= 1)):
+        raise InputError(f"--stage-timeout must be a number of seconds >= 1 (or 0: never), got {args.stage_timeout}")
+    with open_pipeline(args.model, args.runtime, n_stages, split, strategy.n_seqs, tracer=tracer, cost=cost,
+                       max_rows=largest_run(strategy), stage_timeout=args.stage_timeout) as pipe:
         result = generate(strategy, pipe, prompt_ids, args.max_new_tokens, eos_ids, config.max_positions, on_token)
     if args.trace:
         try:
@@ -348,7 +356,7 @@ def _make_draft(source, target_dir, config, prompt_ids, max_new_tokens, eos_ids)
     draft_dir = resolve_model(source, default=DEFAULT_DRAFT)
     draft = load_stage(draft_dir)
     check_compatible(target_dir, draft_dir, config.vocab_size, draft.config.vocab_size)
-    return DraftModel(draft)
+    return DraftModel(draft, target_vocab=config.vocab_size)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

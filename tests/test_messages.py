@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 from minipipe.batch import Batch
 from minipipe.transport.cancel import CancelMap
 from minipipe.transport.messages import (Cancelled, CorruptMessage, KVCopy, KVEdits, KVRemove, Ready, Result, Run,
-                                         Shutdown, StageFailed, TraceEvents, decode, encode)
+                                         Shutdown, TraceEvents, decode, encode)
 
 ints = st.integers(0, 2**40)
 opt_pos = st.one_of(st.none(), st.integers(0, 10**6))
@@ -49,7 +49,6 @@ messages = st.one_of(
         st.builds(KVRemove, st.one_of(st.none(), st.integers(0, 999)), st.integers(0, 10**6), opt_pos),
         st.builds(KVCopy, st.integers(0, 999), st.integers(0, 999), st.integers(0, 10**6), opt_pos)), max_size=6)),
     st.builds(Ready, st.integers(0, 63), st.integers(1, 2**22)),
-    st.builds(StageFailed, st.integers(0, 63), st.text(max_size=80)),
     st.builds(TraceEvents, st.integers(0, 63), st.lists(st.dictionaries(st.text(max_size=5), st.integers()), max_size=3)),
     st.just(Shutdown()),
 )

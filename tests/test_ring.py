@@ -167,3 +167,34 @@ def test_segments_are_unlinked():
     assert os.path.exists(f"/dev/shm/{name}")
     ring.release()
     assert not os.path.exists(f"/dev/shm/{name}")
+
+
+def test_wrap_waits_when_the_record_fits_but_its_padding_does_not():
+    """A fixed case the state machine does not reach: a record smaller than the free space that
+    does not fit before the end of the data area needs its PAD too, so it must wait; once the
+    reader frees enough, PAD + record are written and the reader skips the PAD."""
+    ring = Ring.create(CAPACITY, CTX)  # 256 data bytes
+    try:
+        for i in range(3):  # three 64-byte records (8 length + 56 payload): write = 192
+            ring.write([bytes([i]) * 56], timeout=0.1)
+        with ring.receive(timeout=0.1) as payload:  # read = 64: free = 64 + 256 - 192 = 128 bytes
+            assert bytes(payload) == bytes([0]) * 56
+        big = b"x" * 72  # an 80-byte record: 80 <= 128 free, but it starts at offset 192 and
+        with pytest.raises(TimeoutError):  # 192 + 80 > 256: PAD (64) + record (80) = 144 > 128
+            ring.write([big], timeout=0.05)
+        assert ring.n_unread_bytes == 128  # all or nothing: the failed write left no trace
+        with ring.receive(timeout=0.1) as payload:  # read = 128: free = 192 >= 144
+            assert bytes(payload) == bytes([1]) * 56
+        ring.write([big], timeout=0.1)  # PAD to the end, then the record at offset 0
+        assert ring.n_unread_bytes == 64 + 64 + 80
+        got = []
+        for _ in range(2):
+            with ring.receive(timeout=0.1) as payload:
+                got.append(bytes(payload))
+        assert got == [bytes([2]) * 56, big]
+        assert ring.n_unread_bytes == 0
+        ring.write([b"y" * 120], timeout=0.1)  # write = 336 + 128: offset 208
+        ring.write([b"z" * 40], timeout=0.1)  # 48 bytes end exactly at 256: no PAD
+        assert ring.n_unread_bytes == 128 + 48
+    finally:
+        ring.release()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import kernels
 from ..config import load_config
 from ..model import StageModel
 from ..trace import Tracer
@@ -25,12 +26,19 @@ def load_stage_models(model_dir, splits: list[tuple[int, int]]) -> list[StageMod
 
 def open_pipeline(model_dir: str | Path, runtime: str = "process", n_stages: int | None = None,
                   split: list[int] | None = None, n_seqs: int = 1, tracer: Tracer | None = None,
-                  cost: CostModel | None = None, chooser: Chooser | None = None) -> Pipeline:
-    """A pipeline over the target in `model_dir`, on the chosen runtime."""
-    if runtime == "process":
-        from .process import ProcessPipeline
+                  cost: CostModel | None = None, chooser: Chooser | None = None, max_rows: int | None = None,
+                  stage_timeout: float | None = None) -> Pipeline:
+    """A pipeline over the target in `model_dir`, on the chosen runtime.
 
-        return ProcessPipeline(model_dir, n_stages, split, n_seqs, tracer=tracer)
+    Process runtime only: `max_rows` the most rows one run carries (default: a prefill chunk;
+    see `strategies.largest_run`), `stage_timeout` seconds a stage may have work without a sign
+    of life (default `process.STAGE_TIMEOUT_S`; 0: never)."""
+    if runtime == "process":
+        from .process import STAGE_TIMEOUT_S, ProcessPipeline
+
+        return ProcessPipeline(model_dir, n_stages, split, n_seqs, tracer=tracer,
+                               max_rows=kernels.PREFILL_CHUNK if max_rows is None else max_rows,
+                               stage_timeout=STAGE_TIMEOUT_S if stage_timeout is None else stage_timeout)
     if runtime == "local":
         config = load_config(model_dir)
         models = load_stage_models(model_dir, split_layers(config.n_layers, n_stages, split))

@@ -38,8 +38,8 @@ class CancelMap:
         self.slots = np.ndarray((capacity,), dtype=np.int64, buffer=segment.buf)  # [capacity]
 
     @classmethod
-    def create(cls, capacity: int = 4096) -> "CancelMap":
-        segment = shm.create(8 * capacity, "cancel")
+    def create(cls, capacity: int = 4096, name: str | None = None) -> "CancelMap":
+        segment = shm.create(8 * capacity, "cancel", name)
         cm = cls(segment, capacity, owner=True)
         cm.slots[:] = -1
         return cm

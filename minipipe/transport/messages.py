@@ -13,7 +13,6 @@ side channel).
 | `KVCopy`      | head -> every stage        | `seq_cp(src, dst, p0, p1)` on each stage's cache       |
 | `KVEdits`     | head -> every stage        | several of the two above, applied in order (one hop)   |
 | `Ready`       | stage -> ... -> head       | a stage has loaded its weights                         |
-| `StageFailed` | stage -> ... -> head       | a stage hit an error; the head reports it              |
 | `Shutdown`    | head -> every stage -> head| stop after forwarding                                  |
 | `TraceEvents` | stage -> ... -> head       | a stage's recorded events, sent at shutdown            |
 
@@ -25,7 +24,11 @@ Byte format: a 64-byte header, then the kind's arrays, each padded to 8 bytes:
             seq ids i32[n_seq_ids] | row ids i64[T] (flag ROW_IDS) | hidden f32[T, width] (flag HIDDEN)
     Result: tokens i64[T] | row ids i64[T] (flag ROW_IDS) | logits f32[T, width] (flag LOGITS)
     KVEdits: i64[n_rows, 5] = (op 0 remove / 1 copy, seq or src, dst, p0, p1), -1 = none
-    others: args in the header; text (UTF-8, n_bytes) for StageFailed and TraceEvents
+    others: args in the header; text (UTF-8, n_bytes) for TraceEvents
+
+(A stage's error does not travel on the rings: a failing stage may die before its neighbour
+forwards anything, so it writes the error on the status board, `status.py`, which the head
+reads directly.)
 
 Decoding reads arrays in place (zero-copy views of the ring's memory), so a reader must finish
 with them before it consumes the record. A record that does not parse raises `CorruptMessage`.
@@ -48,7 +51,8 @@ HEADER_BYTES = 64
 assert HEADER.size == HEADER_BYTES
 
 # kinds
-RUN, RESULT, CANCELLED, KV_REMOVE, KV_COPY, READY, STAGE_FAILED, SHUTDOWN, TRACE, KV_EDITS = range(1, 11)
+RUN, RESULT, CANCELLED, KV_REMOVE, KV_COPY, READY = range(1, 7)  # kind 7 (a stage's error) is retired
+SHUTDOWN, TRACE, KV_EDITS = range(8, 11)
 # flags
 F_HIDDEN, F_LOGITS, F_PREFILL, F_RETURN_LOGITS, F_SPECULATIVE, F_ROW_IDS = 1, 2, 4, 8, 16, 32
 NONE = -1  # "no value" in the header's integer args (e.g. p1 = infinity)
@@ -110,12 +114,6 @@ class Ready:
 
 
 @dataclass
-class StageFailed:
-    stage: int
-    message: str
-
-
-@dataclass
 class Shutdown:
     pass
 
@@ -126,7 +124,7 @@ class TraceEvents:
     events: list = field(default_factory=list)
 
 
-Message = Run | Result | Cancelled | KVRemove | KVCopy | KVEdits | Ready | StageFailed | Shutdown | TraceEvents
+Message = Run | Result | Cancelled | KVRemove | KVCopy | KVEdits | Ready | Shutdown | TraceEvents
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,15 +192,28 @@ def encode(msg: Message) -> list:
         kind, args[:2] = READY, (msg.stage, msg.pid)
     elif isinstance(msg, Shutdown):
         kind = SHUTDOWN
-    elif isinstance(msg, (StageFailed, TraceEvents)):
-        text = (msg.message if isinstance(msg, StageFailed) else json.dumps(msg.events)).encode()
-        kind = STAGE_FAILED if isinstance(msg, StageFailed) else TRACE
-        args[0], n_bytes = msg.stage, len(text)
+    elif isinstance(msg, TraceEvents):
+        text = json.dumps(msg.events).encode()
+        kind, args[0], n_bytes = TRACE, msg.stage, len(text)
         body += _bytes(np.frombuffer(text, dtype=np.uint8))
     else:
         raise TypeError(f"not a message: {msg!r}")
     header = HEADER.pack(MAGIC, kind, flags, run_id, n_rows, width, n_seq_ids, n_bytes, *args)
     return [header] + body
+
+
+def run_bytes(n_rows: int, n_seq_ids: int, width: int = 0, row_ids: bool = True) -> int:
+    """Encoded size of a Run of `n_rows` rows holding `n_seq_ids` sequence ids in all, with
+    hidden states of `width` floats per row (0: none) and row ids if `row_ids` (an upper bound
+    for sizing rings: the format above, array by array)."""
+    p = _pad8
+    return (HEADER_BYTES + 2 * 8 * n_rows + p(n_rows) + p(4 * n_rows) + p(4 * n_seq_ids)
+            + (8 * n_rows if row_ids else 0) + 4 * n_rows * width)
+
+
+def result_bytes(n_rows: int, logits_width: int = 0, row_ids: bool = True) -> int:
+    """Encoded size of a Result of `n_rows` wanted rows, with logits of `logits_width` (0: none)."""
+    return HEADER_BYTES + 8 * n_rows + (8 * n_rows if row_ids else 0) + 4 * n_rows * logits_width
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,10 +284,8 @@ def decode(payload: memoryview) -> Message:
         return Ready(args[0], args[1])
     if kind == SHUTDOWN:
         return Shutdown()
-    if kind in (STAGE_FAILED, TRACE):
+    if kind == TRACE:
         text = r.array(np.uint8, n_bytes).tobytes().decode("utf-8", errors="replace")
-        if kind == STAGE_FAILED:
-            return StageFailed(args[0], text)
         try:
             return TraceEvents(args[0], json.loads(text))
         except json.JSONDecodeError:

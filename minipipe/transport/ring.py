@@ -83,6 +83,16 @@ class RecordTooLarge(RingError):
     """A record longer than the ring's capacity."""
 
 
+def record_size(n_payload: int) -> int:
+    """Bytes a record with an `n_payload`-byte payload takes in the data area (length + padding)."""
+    return 8 + (n_payload + 7) // 8 * 8
+
+
+def max_payload(capacity: int) -> int:
+    """The longest payload a ring of `capacity` data bytes accepts (a record is at most half of it)."""
+    return (capacity // 2 - 8) // 8 * 8
+
+
 _fence_lock = threading.Lock()
 
 
@@ -112,15 +122,20 @@ class Ring:
         self._reading: int | None = None  # size of the record being read, until consume()
 
     @classmethod
-    def create(cls, capacity: int, ctx, tag: str = "ring", spin: float = SPIN_S) -> "Ring":
+    def create(cls, capacity: int, ctx, tag: str = "ring", spin: float = SPIN_S, name: str | None = None) -> "Ring":
         """A new ring of `capacity` data bytes (rounded up to 8); `ctx` is a multiprocessing context;
-        `spin` is how long its reader busy-waits before sleeping (0: never)."""
+        `spin` is how long its reader busy-waits before sleeping (0: never); `name` a segment name
+        from `shm.new_name` that the caller recorded first (see ProcessPipeline)."""
         capacity = (capacity + 7) // 8 * 8
-        segment = shm.create(HEADER_BYTES + capacity, tag)
-        # write every page now: the kernel allocates and zeroes shared memory on first touch,
-        # which would otherwise cost the first pass of records several µs per page
-        np.ndarray((HEADER_BYTES + capacity,), dtype=np.uint8, buffer=segment.buf)[:] = 0
-        return cls(segment, capacity, ctx.Semaphore(0), owner=True, spin=spin)
+        segment = shm.create(HEADER_BYTES + capacity, tag, name)
+        try:
+            # write every page now: the kernel allocates and zeroes shared memory on first touch,
+            # which would otherwise cost the first pass of records several µs per page
+            np.ndarray((HEADER_BYTES + capacity,), dtype=np.uint8, buffer=segment.buf)[:] = 0
+            return cls(segment, capacity, ctx.Semaphore(0), owner=True, spin=spin)
+        except BaseException:  # e.g. Ctrl-C while the pages are written: do not leak the segment
+            shm.release(segment, owner=True)
+            raise
 
     @classmethod
     def attach(cls, handle: RingHandle) -> "Ring":
@@ -139,17 +154,23 @@ class Ring:
     # ------------------------------------------------------------------------------------------
     # writer side
 
-    def write(self, parts: list, timeout: float | None = None) -> None:
-        """Append one record made of the concatenated bytes-like `parts`."""
+    @property
+    def max_payload(self) -> int:
+        """The longest payload one record may carry (its record takes at most half the ring)."""
+        return max_payload(self.capacity)
+
+    def write(self, parts: list, timeout: float | None = None, on_wait=None) -> None:
+        """Append one record made of the concatenated bytes-like `parts`; `on_wait()` is called
+        between polls while the ring is full (a stage's heartbeat: waiting is not stalling)."""
         views = [memoryview(p).cast("B") for p in parts]
         length = sum(v.nbytes for v in views)
-        size = 8 + (length + 7) // 8 * 8
+        size = record_size(length)
         if size > self.capacity // 2:  # then padding + record always fit an empty ring
             raise RecordTooLarge(f"a {length}-byte record exceeds half of a {self.capacity}-byte ring")
         w = int(self._header[_W])
         offset = w % self.capacity
         pad = self.capacity - offset if offset + size > self.capacity else 0  # record does not fit before the end
-        self._wait_for_space(w, pad + size, timeout)  # all or nothing: a timeout writes nothing
+        self._wait_for_space(w, pad + size, timeout, on_wait)  # all or nothing: a timeout writes nothing
         if pad:
             self._data[offset: offset + 8] = PAD.tobytes()
             w, offset = w + pad, 0
@@ -162,10 +183,12 @@ class Ring:
         self._header[_W] = w + size
         self.items.release()
 
-    def _wait_for_space(self, w: int, size: int, timeout: float | None) -> None:
+    def _wait_for_space(self, w: int, size: int, timeout: float | None, on_wait=None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 20e-6
         while w + size - int(self._header[_R]) > self.capacity:
+            if on_wait is not None:
+                on_wait()
             reader = int(self._header[_READER_PID])
             if reader and not shm.pid_alive(reader):
                 raise PeerDied(f"the reader of ring {self.segment.name} (pid {reader}) is gone")
@@ -214,7 +237,7 @@ class Ring:
                 self._header[_R] = r + self.capacity - offset
                 continue
             length = int(length)
-            self._reading = 8 + (length + 7) // 8 * 8
+            self._reading = record_size(length)
             return self._data[offset + 8: offset + 8 + length]
 
     def consume(self) -> None:

@@ -6,12 +6,16 @@ tracker would otherwise treat every attaching process as an owner too (and unlin
 its exit), so attaching bypasses the tracker (`track=False` on Python >= 3.13, a patched
 `register` before).
 
-Every segment's name starts with `minipipe_`, so a leak is easy to spot in /dev/shm.
+Names: `minipipe_<creator pid>_<random>_<tag>` (e.g. `minipipe_4242_9f3a01bc_ring1`), so a
+leak is easy to spot in /dev/shm and its creator is known: a run killed whole (SIGKILL to its
+process group, which takes Python's resource tracker with it) cannot unlink its segments, and
+`remove_stale` lets the next run remove every segment whose creator is gone.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import sys
 from contextlib import contextmanager
@@ -31,10 +35,53 @@ class Segment(shared_memory.SharedMemory):
             pass
 
 
-def create(size: int, tag: str) -> shared_memory.SharedMemory:
-    """Create (and own) a new segment of at least `size` bytes."""
-    name = f"{PREFIX}{os.getpid()}_{secrets.token_hex(4)}_{tag}"
-    return Segment(name=name, create=True, size=max(1, size))
+SHM_DIR = "/dev/shm"  # where Linux shows POSIX shared memory as files
+_NAME = re.compile(rf"^{PREFIX}(\d+)_")
+
+
+def new_name(tag: str) -> str:
+    """A fresh segment name owned by this process (see the module docstring)."""
+    return f"{PREFIX}{os.getpid()}_{secrets.token_hex(4)}_{tag}"
+
+
+def create(size: int, tag: str, name: str | None = None) -> shared_memory.SharedMemory:
+    """Create (and own) a new segment of at least `size` bytes; `name` from `new_name(tag)` when
+    the caller records it before creating (so it can unlink it even if creation is interrupted)."""
+    return Segment(name=name or new_name(tag), create=True, size=max(1, size))
+
+
+def unlink_name(name: str) -> bool:
+    """Unlink segment `name` if it exists (a leftover this process created); True if it did."""
+    try:
+        segment = attach(name)
+    except (FileNotFoundError, ValueError):
+        return False
+    release(segment, owner=True)
+    return True
+
+
+def remove_stale(directory: str = SHM_DIR) -> list[str]:
+    """Unlink every `minipipe_<pid>_*` segment whose creating process is gone; return their names.
+
+    A segment of a live process (another run, a test running in parallel) is never touched.
+    Caveat: a process in another PID namespace sharing this /dev/shm (containers started with
+    --ipc=host) looks gone from here; such setups should not share /dev/shm between runs.
+    """
+    try:
+        names = os.listdir(directory)
+    except OSError:  # no /dev/shm (not Linux): nothing to clean
+        return []
+    removed = []
+    for name in sorted(names):
+        match = _NAME.match(name)
+        if match is None or pid_alive(int(match.group(1))):
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))  # nobody tracks it: its creator is gone
+            removed.append(name)
+        except OSError:  # removed meanwhile, or not ours to remove
+            pass
+    return removed
 
 
 @contextmanager
