@@ -81,8 +81,10 @@ def test_shipped_pair_equals_greedy(name):
     # the mechanisms really happen on this pair (equality alone would not show it)
     if name == "pipeinfer":
         assert counts["speculative runs"] and counts["accepted guesses"] and counts["cancelled runs"], counts
+        assert counts["stage steps skipped"], counts  # stages really skip cancelled runs
     if name == "specpipe":
         assert counts["hits"] and counts["misses"] and counts["pruned nodes"], counts
+        assert counts["rows dropped"], counts  # stages really drop pruned rows
 
 
 # ----------------------------------------------------------------------------------------------

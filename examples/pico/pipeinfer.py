@@ -29,9 +29,9 @@ so the output is greedy decoding's.
 
 Simplified compared with minipipe/strategies/pipeinfer.py (PipeInferStrategy) on
 minipipe/runtime/: chains only (no branch splitting, p_split), a fixed cutoff (no p_recovery or
-p_decay), at most one run per stage in flight, one whole stage step per tick (the real stages
-also check for cancellation between layers), the prompt prefilled outside the simulation, no
-end-of-text rule.
+p_decay), speculation only while fewer than S runs are in flight (one per stage), one whole stage
+step per tick (the real stages also check for cancellation between layers), the prompt prefilled
+outside the simulation, no end-of-text rule.
 
     python examples/pico/pipeinfer.py    # the text, a timeline of the ticks, counters, the check
 """
@@ -56,20 +56,21 @@ from minipipe.model import StageModel, load_stage  # noqa: E402
 from minipipe.paths import DEFAULT_DRAFT, resolve_model  # noqa: E402
 from minipipe.tokenizer import Tokenizer  # noqa: E402
 
-N_DRAFT, P_ACCEPT = 3, 0.05  # most guesses per speculative run; the draft-confidence cutoff (the tiny draft is rarely sure)
+N_DRAFT = 3  # most guesses per speculative run
+P_ACCEPT = 0.05  # the draft-confidence cutoff (low: the tiny draft is rarely sure of itself)
 N_STAGES, N_TOKENS = 4, 24  # the demo's knobs
 
 
 class Draft:
-    """The draft model's guesses. Its cache holds the last context it saw (sequence 0); for a new
-    context it keeps the common prefix, forgets the rest (seq_rm) and runs only the new tokens."""
+    """The draft model's guesses. Its KV cache holds the last context it was asked about (sequence
+    0); for a new context it keeps the common prefix, forgets the rest (seq_rm), runs the new tokens."""
 
     def __init__(self, model: StageModel):
         self.model, self.cache, self.seen = model, model.new_cache(), []
 
     def top(self, context: list[int], k: int) -> list[tuple[int, float]]:
         """The k most probable next tokens after `context`, with the draft's probabilities."""
-        keep = 0
+        keep = 0  # positions to keep: the common prefix, but at least the last token is rerun
         while keep < min(len(self.seen), len(context) - 1) and self.seen[keep] == context[keep]:
             keep += 1
         self.cache.seq_rm(0, keep)  # forget positions >= keep
@@ -93,19 +94,16 @@ class Run:
     """A micro-batch in flight: consecutive tokens at positions start.., written into sequence `seq`."""
 
     id: int
+    start: int  # position of the first row
     tokens: list[int]
     seq: int  # 0: a plain run (writes the committed text); otherwise the speculative run's own sequence
     assumes: list[int]  # the token at every position up to its last row, its own rows included
     hidden: np.ndarray | None = None  # [T, D] between stages, logits [T, V] after the last one
-    skipped: bool = False  # cancelled: some stage did not compute it (it came back as a stub)
-
-    @property
-    def start(self) -> int:
-        return len(self.assumes) - len(self.tokens)
+    skipped: bool = False  # cancelled on its way: some stage did not compute it (it comes back as a stub)
 
 
 def tick(stages: list[StageModel], caches: list[KVCache], inbox: list[deque], cancelled: set[int],
-         timeline: list[str] | None) -> Run | None:
+         counts: Counter, timeline: list[str] | None) -> Run | None:
     """One tick of the simulated pipeline; returns the run that leaves the last stage, if any.
 
     A stage's inbox holds runs and KV edits in the order the head sent them. The stage applies the
@@ -120,8 +118,9 @@ def tick(stages: list[StageModel], caches: list[KVCache], inbox: list[deque], ca
                 downstream.append(edit)
         run = inbox[s].popleft() if inbox[s] else None
         if run is not None:
-            if run.id in cancelled or run.skipped:  # early cancellation: no work, a stub goes on
+            if run.id in cancelled:  # early cancellation: no work, a stub goes on
                 run.skipped, run.hidden = True, None
+                counts["stage steps skipped"] += 1
             else:
                 batch = Batch.chain(run.tokens, run.start, seq_ids=(run.seq,))  # every row wants logits
                 run.hidden = stages[s].forward(caches[s], batch, run.hidden)  # [T, D], or [T, V] at the last stage
@@ -157,8 +156,8 @@ def generate(stages: list[StageModel], draft_model: StageModel, prompt: list[int
     def live(run: Run) -> bool:  # the run assumes the committed text, so its last rows can still be used
         return agreement(run.assumes, committed) == len(committed)
 
-    def launch(tokens: list[int], seq: int, assumes: list[int], edits: list[tuple] = ()) -> None:
-        run = Run(next(run_ids), tokens, seq, assumes)
+    def launch(tokens: list[int], seq: int, assumes: list[int], edits: tuple = ()) -> None:
+        run = Run(next(run_ids), len(assumes) - len(tokens), tokens, seq, assumes)
         inbox[0].extend([*edits, run])  # the edits travel just ahead of the run
         inflight.append(run)
         counts["plain runs" if seq == 0 else "speculative runs"] += 1
@@ -178,12 +177,13 @@ def generate(stages: list[StageModel], draft_model: StageModel, prompt: list[int
             if not guesses:
                 break  # the draft is unsure: leave the pipeline to the plain run
             seq, C = free_seqs.popleft(), len(committed)
-            view = [("seq_cp", 0, seq, 0, C)]  # KV multibuffering, view: the committed prefix...
+            view = [("seq_cp", 0, seq, 0, C)]  # KV multibuffering, view: the committed prefix ...
             if len(context) > C:  # ... and the guesses of the chain it continues
                 view.append(("seq_cp", tail.seq, seq, C, len(context)))
-            launch(guesses, seq, context + guesses, view)
+            launch(guesses, seq, context + guesses, tuple(view))
 
-        run = tick(stages, caches, inbox, cancelled, timeline)
+        run = tick(stages, caches, inbox, cancelled, counts, timeline)
+        counts["ticks"] += 1
         if run is None:
             continue
         # Verification of the oldest run: while it has a row at the newest committed position and
@@ -192,14 +192,15 @@ def generate(stages: list[StageModel], draft_model: StageModel, prompt: list[int
         assert run is oldest, "answers come back in launch order"
         n_before = len(committed)
         while len(committed) < end and not run.skipped and run.start < len(committed) and live(run):
-            committed.append(int(kernels.argmax_rows(run.hidden)[len(committed) - 1 - run.start]))
-        if run.seq:
-            confirmed = agreement(run.assumes, committed)  # rows before it were computed over the committed text
-            edits = [("seq_rm", run.seq)]  # KV multibuffering, release: the sequence forgets everything
-            if not run.skipped and confirmed > run.start:  # commit: sequence 0 adopts the confirmed rows
-                edits[:0] = [("seq_rm", 0, run.start, confirmed), ("seq_cp", run.seq, 0, run.start, confirmed)]
+            choices = kernels.argmax_rows(run.hidden)  # [T, V] -> [T]
+            committed.append(int(choices[len(committed) - 1 - run.start]))
+        if run.seq:  # a speculative run: commit its confirmed rows, release its sequence
+            confirmed = agreement(run.assumes, committed)  # rows before this position hold committed tokens
+            if not run.skipped and confirmed > run.start:  # (a cancelled run's rows are missing somewhere)
+                # commit: sequence 0 adopts them, in place of any cell a plain run wrote for the same token
+                inbox[0].extend([("seq_rm", 0, run.start, confirmed), ("seq_cp", run.seq, 0, run.start, confirmed)])
                 counts["accepted guesses"] += confirmed - run.start
-            inbox[0].extend(edits)
+            inbox[0].append(("seq_rm", run.seq))  # release: the sequence forgets all its cells
             free_seqs.append(run.seq)
         if len(committed) > n_before and len(committed) < end:
             for other in inflight:  # early cancellation of the runs that guessed wrong
@@ -207,7 +208,6 @@ def generate(stages: list[StageModel], draft_model: StageModel, prompt: list[int
                     cancelled.add(other.id)
                     counts["cancelled runs"] += 1
             launch([committed[-1]], 0, list(committed))  # the next plain run
-    counts["ticks"] = len(timeline[0]) if timeline else 0
     return committed[len(prompt):]
 
 
@@ -224,7 +224,11 @@ def main() -> None:
     print("\ntimeline (one column per tick; P: plain run, digit: speculative run id, x: skipped, .: idle)")
     for s, row in enumerate(timeline):
         print(f"stage {s} |{row}|")
-    print(", ".join(f"{n} {what}" for what, n in counts.items()) + f" (plain pipelining: {S * N_TOKENS} ticks)")
+    print(f"{counts['ticks']} ticks for the {N_TOKENS - 1} tokens after the first (plain pipelining: "
+          f"{S * (N_TOKENS - 1)}); "
+          f"{counts['plain runs']} plain and {counts['speculative runs']} speculative runs, "
+          f"{counts['accepted guesses']} guesses accepted, {counts['cancelled runs']} runs cancelled "
+          f"({counts['stage steps skipped']} stage steps skipped)")
     same = tokens == generate_greedy(whole, prompt, N_TOKENS).tokens
     print(f"same as greedy: {same}")
     raise SystemExit(0 if same else 1)

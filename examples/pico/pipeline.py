@@ -96,7 +96,8 @@ def main() -> None:
     for s, row in enumerate(timeline):
         print(f"stage {s} |{row}|")
     busy = sum(len(row) - row.count(".") for row in timeline)
-    print(f"{len(timeline[0])} ticks for {len(tokens)} tokens; stages busy {busy / (S * len(timeline[0])):.0%} of the time")
+    ticks = len(timeline[0])
+    print(f"{ticks} ticks for {len(tokens)} tokens; the stages were busy {busy / (S * ticks):.0%} of the time")
     same = tokens == generate_greedy(whole, prompt, N_TOKENS).tokens
     print(f"same as greedy: {same}")
     raise SystemExit(0 if same else 1)

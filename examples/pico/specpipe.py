@@ -58,15 +58,15 @@ N_STAGES, N_TOKENS = 4, 24  # the demo's knobs
 
 
 class Draft:
-    """The draft model's guesses. Its cache holds the last context it saw (sequence 0); for a new
-    context it keeps the common prefix, forgets the rest (seq_rm) and runs only the new tokens."""
+    """The draft model's guesses. Its KV cache holds the last context it was asked about (sequence
+    0); for a new context it keeps the common prefix, forgets the rest (seq_rm), runs the new tokens."""
 
     def __init__(self, model: StageModel):
         self.model, self.cache, self.seen = model, model.new_cache(), []
 
     def top(self, context: list[int], k: int) -> list[tuple[int, float]]:
         """The k most probable next tokens after `context`, with the draft's probabilities."""
-        keep = 0
+        keep = 0  # positions to keep: the common prefix, but at least the last token is rerun
         while keep < min(len(self.seen), len(context) - 1) and self.seen[keep] == context[keep]:
             keep += 1
         self.cache.seq_rm(0, keep)  # forget positions >= keep
@@ -86,7 +86,7 @@ class Node:
     pos: int
     seq: int
     parent: Node | None = None
-    path_prob: float = 1.0  # the draft's probability of the path from the tip down to here
+    path_prob: float = 1.0  # the draft's probability of the path down to here (a product)
     children: list[Node] = field(default_factory=list)
 
     def subtree(self):
@@ -102,7 +102,7 @@ class MicroBatch:
 
 
 def tick(stages: list[StageModel], caches: list[KVCache], inbox: list[deque], pruned: set[int],
-         timeline: list[str] | None) -> MicroBatch | None:
+         counts: Counter, timeline: list[str] | None) -> MicroBatch | None:
     """One pipeline step; returns the micro-batch that leaves the last stage, if any.
 
     A stage's inbox holds micro-batches and KV edits in the order the head sent them. The stage
@@ -118,6 +118,7 @@ def tick(stages: list[StageModel], caches: list[KVCache], inbox: list[deque], pr
         mb = inbox[s].popleft() if inbox[s] else None
         if mb is not None:  # pruning propagation: rows of pruned nodes stop here
             keep = np.array([int(i) not in pruned for i in mb.batch.row_ids])  # [T] bool
+            counts["rows dropped"] += int((~keep).sum())
             mb = MicroBatch(mb.batch.select(keep), None if mb.hidden is None else mb.hidden[keep])
         if mb is not None and mb.batch.n_rows:
             mb.hidden = stages[s].forward(caches[s], mb.batch, mb.hidden)  # [T, D], or [T, V] at the last stage
@@ -174,25 +175,26 @@ def generate(stages: list[StageModel], draft_model: StageModel, prompt: list[int
     tip = new_root(committed[-1], len(committed) - 1)
     while len(committed) < end:
         counts["steps"] += 1
-        mb = tick(stages, caches, inbox, pruned, timeline)
+        mb = tick(stages, caches, inbox, pruned, counts, timeline)
         sent_root = False  # one micro-batch enters the pipeline per step: a new root or a new layer
         # Verification: does the micro-batch that left the pipeline hold the tip's row?
         if mb is not None and tip.id in mb.batch.row_ids:
             token = int(kernels.argmax_rows(mb.hidden)[list(mb.batch.row_ids).index(tip.id)])
             committed.append(token)
             hit = next((c for c in tip.children if c.token == token), None)
-            edits = [e for c in tip.children if c is not hit for e in prune(c)] + [("seq_rm", tip.seq)]
-            free_seqs.append(tip.seq)  # the old tip gets no more children
+            for child in tip.children:
+                if child is not hit:  # hit: the other children; miss: all of them (the whole tree)
+                    inbox[0].extend(prune(child))
+            inbox[0].append(("seq_rm", tip.seq))  # release the old tip: it gets no more children
+            free_seqs.append(tip.seq)
             if hit is not None:
                 counts["hits"] += 1
-                edits.append(("seq_cp", hit.seq, 0, hit.pos, hit.pos + 1))  # sequence 0 adopts its cell
-                hit.parent, tip = None, hit
-                inbox[0].extend(edits)
+                inbox[0].append(("seq_cp", hit.seq, 0, hit.pos, hit.pos + 1))  # sequence 0 adopts its cell
+                tip = hit
             else:
                 counts["misses"] += 1
-                inbox[0].extend(edits)
                 if len(committed) < end:
-                    tip, sent_root = new_root(token, tip.pos + 1), True
+                    tip, sent_root = new_root(token, len(committed) - 1), True
         # Growth: one new layer, the best `width` children of the deepest leaves (each predicts pos + 1 < end).
         leaves = [n for n in tip.subtree() if not n.children]
         deepest = max(n.pos for n in leaves)
@@ -227,7 +229,10 @@ def main() -> None:
     print("\ntimeline (one column per step; digit: rows computed, fewer than the width once pruned; .: idle)")
     for s, row in enumerate(timeline):
         print(f"stage {s} |{row}|")
-    print(", ".join(f"{n} {what}" for what, n in counts.items()) + f" (plain pipelining: {S * N_TOKENS} steps)")
+    print(f"{counts['steps']} steps for the {N_TOKENS - 1} tokens after the first (plain pipelining: "
+          f"{S * (N_TOKENS - 1)}); "
+          f"{counts['hits']} hits, {counts['misses']} misses, {counts['pruned nodes']} nodes pruned "
+          f"({counts['rows dropped']} rows dropped by the stages)")
     same = tokens == generate_greedy(whole, prompt, N_TOKENS).tokens
     print(f"same as greedy: {same}")
     raise SystemExit(0 if same else 1)

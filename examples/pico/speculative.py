@@ -28,6 +28,7 @@ k, no confidence cutoff, no end-of-text rule.
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -47,15 +48,15 @@ N_STAGES, N_TOKENS = 2, 24  # the demo's knobs
 
 
 class Draft:
-    """The draft model's guesses. Its cache holds the last context it saw (sequence 0); for a new
-    context it keeps the common prefix, forgets the rest (seq_rm) and runs only the new tokens."""
+    """The draft model's guesses. Its KV cache holds the last context it was asked about (sequence
+    0); for a new context it keeps the common prefix, forgets the rest (seq_rm), runs the new tokens."""
 
     def __init__(self, model: StageModel):
         self.model, self.cache, self.seen = model, model.new_cache(), []
 
     def top(self, context: list[int], k: int) -> list[tuple[int, float]]:
         """The k most probable next tokens after `context`, with the draft's probabilities."""
-        keep = 0
+        keep = 0  # positions to keep: the common prefix, but at least the last token is rerun
         while keep < min(len(self.seen), len(context) - 1) and self.seen[keep] == context[keep]:
             keep += 1
         self.cache.seq_rm(0, keep)  # forget positions >= keep
@@ -74,8 +75,10 @@ def forward(stages: list[StageModel], caches: list[KVCache], batch: Batch) -> np
     return hidden
 
 
-def generate(stages: list[StageModel], draft_model: StageModel, prompt: list[int], n_new: int, k: int = K) -> list[int]:
-    """`n_new` tokens of greedy decoding, verified k guesses at a time."""
+def generate(stages: list[StageModel], draft_model: StageModel, prompt: list[int], n_new: int, k: int = K,
+             counts: Counter | None = None) -> list[int]:
+    """`n_new` tokens of greedy decoding, verified k guesses at a time; `counts` counts passes and guesses."""
+    counts = Counter() if counts is None else counts
     caches = [stage.new_cache(capacity=len(prompt) + n_new + k) for stage in stages]
     draft = Draft(draft_model)
     for start, end in kernels.prefill_chunks(len(prompt)):  # the prompt, in the canonical chunks
@@ -97,6 +100,9 @@ def generate(stages: list[StageModel], draft_model: StageModel, prompt: list[int
         while n_ok < len(guesses) and guesses[n_ok] == choices[n_ok]:
             n_ok += 1
         out += guesses[:n_ok] + [int(choices[n_ok])]
+        counts["passes"] += 1
+        counts["guesses"] += len(guesses)
+        counts["accepted"] += n_ok
         # 4. roll back: the root's and the accepted guesses' K/V stay (positions R..R+n_ok)
         for cache in caches:
             cache.seq_rm(0, root_pos + n_ok + 1)
@@ -110,8 +116,11 @@ def main() -> None:
     L, S = whole.config.n_layers, N_STAGES
     stages = [load_stage(target_dir, L * s // S, L * (s + 1) // S) for s in range(S)]  # layers [lo, hi) per stage
     prompt = tokenizer.encode("ROMEO:")
-    tokens = generate(stages, load_stage(draft_dir), prompt, N_TOKENS)
+    counts = Counter()
+    tokens = generate(stages, load_stage(draft_dir), prompt, N_TOKENS, counts=counts)
     print(tokenizer.decode(prompt + tokens))
+    print(f"\n{len(tokens) - 1} tokens after the first in {counts['passes']} target passes (greedy: one per token); "
+          f"{counts['accepted']} of {counts['guesses']} guesses accepted")
     same = tokens == generate_greedy(whole, prompt, N_TOKENS).tokens
     print(f"same as greedy: {same}")
     raise SystemExit(0 if same else 1)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -51,15 +52,15 @@ N_STAGES, N_TOKENS = 2, 24  # the demo's knobs
 
 
 class Draft:
-    """The draft model's guesses. Its cache holds the last context it saw (sequence 0); for a new
-    context it keeps the common prefix, forgets the rest (seq_rm) and runs only the new tokens."""
+    """The draft model's guesses. Its KV cache holds the last context it was asked about (sequence
+    0); for a new context it keeps the common prefix, forgets the rest (seq_rm), runs the new tokens."""
 
     def __init__(self, model: StageModel):
         self.model, self.cache, self.seen = model, model.new_cache(), []
 
     def top(self, context: list[int], k: int) -> list[tuple[int, float]]:
         """The k most probable next tokens after `context`, with the draft's probabilities."""
-        keep = 0
+        keep = 0  # positions to keep: the common prefix, but at least the last token is rerun
         while keep < min(len(self.seen), len(context) - 1) and self.seen[keep] == context[keep]:
             keep += 1
         self.cache.seq_rm(0, keep)  # forget positions >= keep
@@ -100,8 +101,9 @@ def verify_greedy(tokens: list[int], parent: list[int], choices: np.ndarray) -> 
 
 
 def generate(stages: list[StageModel], draft_model: StageModel, prompt: list[int], n_new: int,
-             expansion: tuple[int, ...] = EXPANSION) -> list[int]:
-    """`n_new` tokens of greedy decoding, verified one token tree at a time."""
+             expansion: tuple[int, ...] = EXPANSION, counts: Counter | None = None) -> list[int]:
+    """`n_new` tokens of greedy decoding, verified one token tree at a time; `counts` counts passes and nodes."""
+    counts = Counter() if counts is None else counts
     n_branches = math.prod(expansion)  # leaves of a full tree; branch b is sequence 1 + b
     caches = [stage.new_cache(n_seqs=1 + n_branches, capacity=len(prompt) + n_new) for stage in stages]
     draft = Draft(draft_model)
@@ -118,7 +120,8 @@ def generate(stages: list[StageModel], draft_model: StageModel, prompt: list[int
         for width in expansion[: n_new - len(out) - 1]:
             grown = []
             for leaf in leaves:
-                for token, _ in draft.top(context + [tokens[i] for i in path(parent, leaf)[1:]], width):
+                drafted = [tokens[i] for i in path(parent, leaf)[1:]]  # the tokens below the root
+                for token, _ in draft.top(context + drafted, width):
                     tokens.append(token)
                     parent.append(leaf)
                     grown.append(len(tokens) - 1)
@@ -136,6 +139,9 @@ def generate(stages: list[StageModel], draft_model: StageModel, prompt: list[int
         # 3. verify: the target's choices decide which path survives
         node, committed = verify_greedy(tokens, parent, choices)
         out += committed
+        counts["passes"] += 1
+        counts["nodes"] += len(tokens) - 1  # the root is not a guess
+        counts["accepted"] += len(committed) - 1  # the last one is the bonus
         # 4. KV: sequence 0 adopts the accepted path (root + accepted nodes); every branch is released
         kept = 1 + next(b for b, branch in enumerate(branches) if node in branch)  # a branch through it
         for cache in caches:
@@ -152,8 +158,11 @@ def main() -> None:
     L, S = whole.config.n_layers, N_STAGES
     stages = [load_stage(target_dir, L * s // S, L * (s + 1) // S) for s in range(S)]  # layers [lo, hi) per stage
     prompt = tokenizer.encode("ROMEO:")
-    tokens = generate(stages, load_stage(draft_dir), prompt, N_TOKENS)
+    counts = Counter()
+    tokens = generate(stages, load_stage(draft_dir), prompt, N_TOKENS, counts=counts)
     print(tokenizer.decode(prompt + tokens))
+    print(f"\n{len(tokens) - 1} tokens after the first in {counts['passes']} target passes (greedy: one per token); "
+          f"{counts['accepted']} of {counts['nodes']} drafted nodes accepted")
     same = tokens == generate_greedy(whole, prompt, N_TOKENS).tokens
     print(f"same as greedy: {same}")
     raise SystemExit(0 if same else 1)
