@@ -4,8 +4,10 @@ Each pico file is loaded from its path and its `generate` called on (1) the ship
 and (2) small random targets split into 1-4 stages, with three drafts: an independent random
 model (almost never right), an early exit of the target (its first layers and its own head:
 right some of the time) and the target itself (always right), under hypothesis-drawn prompts,
-lengths and knobs. The oracle is `generate_greedy` on the whole target. Each file also runs as a
-script and must end with "same as greedy: True".
+lengths and knobs. The oracle is `generate_greedy` on the whole target. Equality alone cannot see
+a mechanism that never fires, so counters must show it working on the shipped pair (PipeInfer
+cancels and its stages skip, SpecPipe prunes and its stages drop rows, a perfect draft is always
+accepted). Each file also runs as a script and must end with "same as greedy: True".
 """
 
 from __future__ import annotations
@@ -85,6 +87,22 @@ def test_shipped_pair_equals_greedy(name):
     if name == "specpipe":
         assert counts["hits"] and counts["misses"] and counts["pruned nodes"], counts
         assert counts["rows dropped"], counts  # stages really drop pruned rows
+
+
+@pytest.mark.parametrize("name", ["speculative", "tree", "pipeinfer"])
+def test_a_perfect_draft_is_always_accepted(name):
+    """The target as its own draft: every guess is the target's choice, so all are accepted."""
+    _, stages, _ = shipped(2)
+    counts, n_new = Counter(), 16
+    knobs = {"speculative": {"k": 4}, "tree": {"expansion": (1, 2, 1)}, "pipeinfer": {"p_accept": 0.0}}[name]
+    assert generate(name, stages, shipped(1)[0], ROMEO, n_new, counts=counts, **knobs) == shipped_truth(n_new)
+    if name == "speculative":  # a chain of 4 per pass, all accepted: 5 tokens per pass
+        assert counts["accepted"] == counts["guesses"] == n_new - 1 - counts["passes"], counts
+        assert counts["passes"] == math.ceil((n_new - 1) / 5), counts
+    if name == "tree":  # depth 3 per pass, the right path always in the tree: 4 tokens per pass
+        assert counts["passes"] == math.ceil((n_new - 1) / 4), counts
+    if name == "pipeinfer":  # nothing to cancel; speculative runs do the work
+        assert counts["cancelled runs"] == 0 and counts["accepted guesses"] > n_new // 2, counts
 
 
 # ----------------------------------------------------------------------------------------------
