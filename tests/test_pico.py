@@ -133,11 +133,20 @@ def random_truth(seed: int, prompt: tuple[int, ...], n_new: int) -> list[int]:
     return generate_greedy(random_model(seed, **TARGET), list(prompt), n_new).tokens
 
 
+def at_most_8(widths: list[int]) -> tuple[int, ...]:
+    """The longest prefix of an expansion configuration with at most 8 branches."""
+    kept: list[int] = []
+    for w in widths:
+        if math.prod(kept + [w]) > 8:
+            break
+        kept.append(w)
+    return tuple(kept)
+
+
 KNOBS = {
     "pipeline": st.just({}),
     "speculative": st.fixed_dictionaries({"k": st.integers(1, 5)}),
-    "tree": st.fixed_dictionaries({"expansion": st.lists(st.integers(1, 3), min_size=1, max_size=4).map(tuple)
-                                                  .filter(lambda widths: math.prod(widths) <= 8)}),  # <= 8 branches
+    "tree": st.fixed_dictionaries({"expansion": st.lists(st.integers(1, 3), min_size=1, max_size=4).map(at_most_8)}),
     "pipeinfer": st.fixed_dictionaries({"n_draft": st.integers(1, 4),
                                         "p_accept": st.sampled_from([0.0, 0.05, 0.2, 0.5])}),
     "specpipe": st.fixed_dictionaries({"width": st.integers(1, 3)}),
