@@ -285,3 +285,15 @@ def test_load_error_of_a_stage_wins_over_its_exit_status(tmp_path, monkeypatch):
             pass
     assert_no_leaks(started)
 
+
+
+@pytest.mark.parametrize("value", ["0.5", "-1", "nan", "inf"])
+def test_bad_stage_timeout_is_refused_in_one_line(capsys, checkpoint, value):
+    from minipipe.cli import main
+
+    code = main(["generate", "--prompt-ids", "3,4", "--model", str(checkpoint), "--strategy", "pipeline", "--quiet",
+                 f"--stage-timeout={value}"])
+    out, err = capsys.readouterr()
+    assert code == 1 and out == ""
+    assert err == f"minipipe: error: --stage-timeout must be a number of seconds >= 1 (or 0: never), got {float(value)}\n"
+    assert_no_leaks()

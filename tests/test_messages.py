@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 from minipipe.batch import Batch
 from minipipe.transport.cancel import CancelMap
 from minipipe.transport.messages import (Cancelled, CorruptMessage, KVCopy, KVEdits, KVRemove, Ready, Result, Run,
-                                         Shutdown, TraceEvents, decode, encode)
+                                         Shutdown, TraceEvents, decode, encode, result_bytes, run_bytes)
 
 ints = st.integers(0, 2**40)
 opt_pos = st.one_of(st.none(), st.integers(0, 10**6))
@@ -115,3 +115,16 @@ def test_bad_magic():
     raw[0] ^= 0xFF
     with pytest.raises(CorruptMessage, match="bad magic"):
         decode(memoryview(bytes(raw)))
+
+
+@given(msg=st.one_of(runs(), results()))
+def test_record_sizes_are_those_of_the_encoding(msg):
+    """`run_bytes` and `result_bytes` (what rings are sized by) count every encoded byte."""
+    n_bytes = sum(memoryview(p).cast("B").nbytes for p in encode(msg))
+    if isinstance(msg, Run):
+        b = msg.batch
+        width = 0 if msg.hidden is None else msg.hidden.shape[1]
+        assert n_bytes == run_bytes(b.n_rows, sum(len(s) for s in b.seq_ids), width, b.row_ids is not None)
+    else:
+        width = 0 if msg.logits is None else msg.logits.shape[1]
+        assert n_bytes == result_bytes(msg.tokens.shape[0], width, msg.row_ids is not None)

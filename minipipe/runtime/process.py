@@ -16,8 +16,8 @@
   outlives a run.
 * Failures reach the user as one clear line naming the stage (index, layers, pid):
   - a stage that raises (a load error, a corrupt message, a bug) writes its message on the
-    status board and exits; the head reads the board before it looks at exit statuses, so the
-    stage's own words always win over "exited with status 2";
+    status board and exits; a head that finds a stage dead reports the board's message if it
+    has one, so the stage's own words always win over "exited with status 2";
   - a stage that dies (SIGKILL, crash) is noticed within `POLL_S` while the head waits;
   - a stage that has work but shows no sign of life for `stage_timeout` seconds (SIGSTOP, a
     deadlock) is reported as stalled; one busy with a long prefill beats after every layer.
@@ -45,7 +45,7 @@ from ..trace import Tracer
 from ..transport import shm
 from ..transport.cancel import CancelHandle, CancelMap
 from ..transport.messages import (Cancelled, CorruptMessage, KVCopy, KVEdits, KVRemove, Ready, Result, Run, Shutdown,
-                                  TraceEvents, decode, encode, result_bytes, run_bytes)
+                                  TraceEvents, decode, encode)
 from ..transport.ring import SPIN_S, PeerDied, Ring, RingClosed, RingHandle
 from ..transport.status import COMPUTING, DONE, LOADING, WAITING, WRITING, BoardHandle, StatusBoard
 from .base import Pipeline, StageCrashed, split_layers
@@ -286,20 +286,13 @@ class ProcessPipeline(Pipeline):
                 self._check_stages()
 
     def _check_fits(self, run: Run) -> None:
-        """Refuse a run bigger than the rings were sized for (before any stage sees it)."""
-        b = run.batch
-        n_ids = sum(len(s) for s in b.seq_ids)
-        wanted = int(b.want_logits.sum())
-        width = self.config.dim if self.n_stages > 1 else 0
-        hidden_ring = self.rings[1] if self.n_stages > 1 else self.rings[0]
-        fits = (run_bytes(b.n_rows, n_ids) <= self.rings[0].max_payload
-                and run_bytes(b.n_rows, n_ids, width) <= hidden_ring.max_payload
-                and result_bytes(wanted, self.config.vocab_size if run.return_logits else 0)
-                <= self.rings[-1].max_payload)
-        if not fits:
-            plan = self.plan
-            asked = f"a run of {b.n_rows} rows" + (f" returning {wanted} rows of logits" if run.return_logits else "")
-            raise InputError(f"{asked} does not fit the pipeline's rings, sized for runs of up to {plan.max_rows} "
+        """Refuse a run bigger than the rings were planned for (before any stage sees it)."""
+        plan, b = self.plan, run.batch
+        wanted = int(b.want_logits.sum()) if run.return_logits else 0
+        if b.n_rows > plan.max_rows or sum(len(s) for s in b.seq_ids) > plan.max_rows * plan.n_seqs \
+                or wanted > plan.logits_rows:
+            asked = f"a run of {b.n_rows} rows" + (f" returning {wanted} rows of logits" if wanted else "")
+            raise InputError(f"{asked} does not fit the pipeline's rings, planned for runs of up to {plan.max_rows} "
                              f"rows of up to {plan.n_seqs} sequence ids and {plan.logits_rows} rows of logits "
                              "(ProcessPipeline's max_rows, n_seqs and logits_rows)")
 

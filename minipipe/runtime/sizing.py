@@ -12,8 +12,9 @@ half a ring, and a stage that is still reading one record should find room for t
 never less than `RING_FLOOR` (room for KV edits, stubs, and trace events at shutdown, which
 travel in chunks of at most `TEXT_CHUNK` bytes through every ring).
 
-SmolLM2-135M (dim 576, vocab 49152) on 3 stages needs about 3 MiB instead of the 768 MiB that
-vocabulary-wide rings took (`tests/test_runtime.py` checks it fits Docker's default 64 MiB).
+SmolLM2-135M (dim 576, vocab 49152) on 3 stages needs about 3 MiB (4 MiB with specpipe's 257
+sequence ids) instead of the 768 MiB that vocabulary-wide rings took (`tests/test_sizing.py`
+checks it fits Docker's default 64 MiB /dev/shm).
 """
 
 from __future__ import annotations

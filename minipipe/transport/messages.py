@@ -204,16 +204,16 @@ def encode(msg: Message) -> list:
 
 def run_bytes(n_rows: int, n_seq_ids: int, width: int = 0, row_ids: bool = True) -> int:
     """Encoded size of a Run of `n_rows` rows holding `n_seq_ids` sequence ids in all, with
-    hidden states of `width` floats per row (0: none) and row ids if `row_ids` (an upper bound
-    for sizing rings: the format above, array by array)."""
+    hidden states of `width` floats per row (0: none) and row ids if `row_ids` (the format
+    above, array by array; rings are sized by it)."""
     p = _pad8
     return (HEADER_BYTES + 2 * 8 * n_rows + p(n_rows) + p(4 * n_rows) + p(4 * n_seq_ids)
-            + (8 * n_rows if row_ids else 0) + 4 * n_rows * width)
+            + (8 * n_rows if row_ids else 0) + p(4 * n_rows * width))
 
 
 def result_bytes(n_rows: int, logits_width: int = 0, row_ids: bool = True) -> int:
     """Encoded size of a Result of `n_rows` wanted rows, with logits of `logits_width` (0: none)."""
-    return HEADER_BYTES + 8 * n_rows + (8 * n_rows if row_ids else 0) + 4 * n_rows * logits_width
+    return HEADER_BYTES + 8 * n_rows + (8 * n_rows if row_ids else 0) + _pad8(4 * n_rows * logits_width)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -44,8 +44,9 @@ reader that finds the ring empty may first busy-wait for `spin` seconds (0 by de
 one-way latency from ~85 µs to ~8 µs on an idle machine, see benchmarks/bench_ring.py, but did
 not speed up real pipelines there), then sleeps on a POSIX semaphore (`items`, one post per
 record) with a timeout, checking between timeouts that the writer is alive; the writer,
-when the ring is full (rare: rings are sized for many messages), polls with a back-off from
-20 µs to 1 ms and checks the reader.
+when the ring is full (rings hold a few of their largest records: runtime/sizing.py), polls
+with a back-off from 20 µs to 1 ms, checks the reader, and calls `on_wait` (a stage's
+heartbeat: waiting for room is not stalling).
 """
 
 from __future__ import annotations
