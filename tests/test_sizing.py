@@ -7,6 +7,7 @@ a pipeline really creates, greedy decoding for a run whose prefill chunks fill t
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 from types import SimpleNamespace
@@ -135,3 +136,26 @@ def test_header_bytes_are_counted():
     config = ModelConfig.from_hf(hf_config(**SMOLLM2))
     plan = plan_rings(config, 2)
     assert plan.ring_bytes == sum(plan.capacities) + 3 * HEADER_BYTES
+
+
+def test_trace_events_cross_the_rings_in_chunks(tmp_path):
+    """A long traced run: each stage's events (far more than a ring record) come back whole."""
+    from minipipe.runtime.process import _trace_messages
+    from minipipe.runtime.sizing import TEXT_CHUNK
+    from minipipe.trace import Tracer
+
+    events = [dict(track="stage 0", name=f"run {i}", start=i, end=i + 1, kind="run", run_id=i, args={"rows": 1})
+              for i in range(3000)]
+    chunks = _trace_messages(0, events)
+    assert len(chunks) > 1 and [e for c in chunks for e in c.events] == events
+    assert all(len(json.dumps(c.events)) <= TEXT_CHUNK for c in chunks)
+
+    d = make_random_checkpoint(tmp_path / "m", seed=5, **{**BIG_VOCAB, "vocab_size": 61, "max_positions": 1100})
+    tracer = Tracer()
+    with open_pipeline(d, "process", 2, tracer=tracer) as pipe:
+        generate(PipelineStrategy(), pipe, [1, 2, 3], 1000, max_positions=1100)
+        last_ring = pipe.rings[-1].capacity
+    runs = [e for e in tracer.events if e.track == "stage 1" and e.kind == "run"]
+    assert len(runs) >= 1000  # every run of the last stage: more than one ring record could hold
+    assert len(json.dumps([vars(e) for e in runs])) > max_payload(last_ring)
+    assert_no_leaks()
