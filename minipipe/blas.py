@@ -6,12 +6,19 @@ NumPy exposes no API for the thread count, so this module calls OpenBLAS's own
 `openblas_set_num_threads` through ctypes (the symbol carries a prefix/suffix in the
 `scipy-openblas` builds that NumPy wheels ship). Where no OpenBLAS is found (another BLAS),
 `set_threads` reports False and `minipipe doctor` says so.
+
+BLAS itself stays on one thread for everything minipipe computes. Decode GEMVs may still use
+several cores (`minipipe generate --threads N`): `ColumnTeam` runs one GEMV's column ranges on
+threads of its own, each a one-thread BLAS call, at boundaries chosen so the bits do not change
+(`minipipe.kernels.column_chunks`). OpenBLAS's own threads split GEMVs at places that do change
+them.
 """
 
 from __future__ import annotations
 
 import ctypes
 import sys
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -102,6 +109,84 @@ def threads(n: int):
         yield
     finally:
         set_threads(before)
+
+
+class ColumnTeam:
+    """`n_threads` threads, the caller and n - 1 workers, that run one function on column ranges.
+
+    `run(fn, args, chunks)` calls `fn(*args, start, end)` for every `(start, end)` in `chunks`:
+    the first range on the calling thread, the others on the workers (one each), and returns
+    when all are done. NumPy releases the GIL inside BLAS calls, so the ranges' GEMVs run in
+    parallel. Workers wait on locks between calls (no spinning: the cores stay free for other
+    processes). A call made while another is running (another Python thread) runs every range
+    on the caller instead of waiting.
+    """
+
+    def __init__(self, n_threads: int):
+        if n_threads < 2:
+            raise ValueError("a ColumnTeam needs at least 2 threads")
+        self.n_threads = n_threads
+        self._busy = threading.Lock()
+        self._go = [threading.Lock() for _ in range(n_threads - 1)]
+        self._done = [threading.Lock() for _ in range(n_threads - 1)]
+        for lock in self._go + self._done:
+            lock.acquire()
+        self._task: list = [None] * (n_threads - 1)
+        self._error: list = [None] * (n_threads - 1)
+        self._workers = [threading.Thread(target=self._work, args=(k,), name=f"minipipe-gemv-{k + 1}", daemon=True)
+                         for k in range(n_threads - 1)]
+        for w in self._workers:
+            w.start()
+
+    def _work(self, k: int) -> None:
+        go, done = self._go[k], self._done[k]
+        while True:
+            go.acquire()
+            task = self._task[k]
+            if task is None:  # close()
+                done.release()
+                return
+            fn, args, start, end = task
+            try:
+                fn(*args, start, end)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                self._error[k] = e
+            self._task[k] = None
+            done.release()
+
+    def run(self, fn, args: tuple, chunks: list[tuple[int, int]]) -> None:
+        if not self._busy.acquire(blocking=False):
+            for start, end in chunks:
+                fn(*args, start, end)
+            return
+        try:
+            n_workers = min(len(chunks) - 1, len(self._workers))
+            for k in range(n_workers):
+                self._task[k] = (fn, args) + chunks[k + 1]
+                self._go[k].release()
+            try:
+                for start, end in chunks[:1] + chunks[n_workers + 1:]:  # ranges beyond the workers: the caller's
+                    fn(*args, start, end)
+            finally:
+                for k in range(n_workers):
+                    self._done[k].acquire()
+            errors = [e for e in self._error[:n_workers] if e is not None]
+            self._error[:n_workers] = [None] * n_workers
+            if errors:
+                raise errors[0]
+        finally:
+            self._busy.release()
+
+    def close(self) -> None:
+        """Stop the workers (the team cannot run afterwards)."""
+        self._busy.acquire()
+        for k in range(len(self._workers)):
+            self._task[k] = None
+            self._go[k].release()
+        for k, w in enumerate(self._workers):
+            self._done[k].acquire()
+            w.join()
+        self._workers = []
 
 
 if sys.platform.startswith("linux"):

@@ -8,7 +8,11 @@ Checks (each on several random models: MHA, GQA and MQA; odd sizes; optionally a
    tokens verified in one speculative batch.
 3. **tree** — two branches sharing a prefix, verified together in one batch (rows interleaved,
    each branch in its own sequence), give each branch's sequential logits.
-4. **threads** — a GEMV gives the same bits with 1 and 2 BLAS threads.
+4. **threads** — a decode GEMV (`x @ W` over the [IN, OUT] row-slot weight, on the padded
+   width) gives the same bits on 1 thread and split into column ranges at multiples of 16 on
+   2, 3 and every core's worth of threads (`generate --threads N`), for every linear shape of
+   the models (and a checkpoint's) and for odd shapes. It also counts how often OpenBLAS's own
+   threads would have given other bits on the same shapes, which is why minipipe splits itself.
 5. **layout** — attention gives the same bits whatever the memory layout of its operands (a
    slice of the cache, a gathered copy, misaligned or strided copies), for the models' head
    shapes and for tiny head dims; it also counts how often the same products computed straight
@@ -20,6 +24,7 @@ Then it measures the policy's cost: a forward pass of M rows through the exact k
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -39,7 +44,7 @@ MODEL_SHAPES = [  # (name, config kwargs)
 
 
 def check_linear_rows(rng: np.random.Generator, n_in: int, n_out: int, n_rows: int = 9) -> bool:
-    w = rng.standard_normal((n_out, n_in)).astype(np.float32)
+    w = kernels.linear_weight([rng.standard_normal((n_out, n_in)).astype(np.float32)])  # [IN, OUT]
     x = rng.standard_normal((n_rows, n_in)).astype(np.float32)
     alone = [kernels.linear_rows(x[i:i + 1].copy(), w)[0] for i in range(n_rows)]
     batched = kernels.linear_rows(x, w)
@@ -123,20 +128,48 @@ def check_tree(model: StageModel, prompt: list[int], branch_a: list[int], branch
     return all(np.array_equal(expected[r], by_row[r]) for r in range(len(rows)))
 
 
-def check_threads(rng: np.random.Generator) -> bool | None:
-    if not blas.info().controllable:
-        return None
-    w = rng.standard_normal((3000, 512)).astype(np.float32)
-    x = rng.standard_normal(512).astype(np.float32)
-    before = blas.get_threads()
+def linear_shapes(model: StageModel) -> set[tuple[int, int]]:
+    """The (IN, OUT) shapes of a model's decode GEMVs."""
+    w = model.weights
+    mats = [a for lw in w.layers for a in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down)]
+    return {m.shape for m in mats + ([w.head] if w.head is not None else [])}
+
+
+def gemv_thread_counts() -> list[int]:
+    return sorted({2, 3, max(2, os.cpu_count() or 1)})
+
+
+def check_gemv_threads(rng: np.random.Generator, shapes, thread_counts) -> tuple[bool, int, int]:
+    """(minipipe's split GEMVs equal one thread everywhere, OpenBLAS-threaded GEMVs that
+    differed, cases) over `shapes` (IN, OUT) and `thread_counts`."""
+    ok, blas_differs, cases = True, 0, 0
+    before = kernels.gemv_threads()
     try:
-        blas.set_threads(1)
-        one = w @ x
-        blas.set_threads(2)
-        two = w @ x
+        for n_in, n_out in sorted(shapes):
+            w = kernels.linear_weight([rng.standard_normal((n_out, n_in)).astype(np.float32)])
+            x = rng.standard_normal((2, n_in)).astype(np.float32)
+            kernels.set_gemv_threads(1)
+            one = kernels.linear_rows(x, w).copy()
+            width = kernels.padded_width(n_out)  # any split at multiples of 16, not only the threads' own
+            cut = int(rng.integers(0, width // kernels.COLUMN_BLOCK + 1)) * kernels.COLUMN_BLOCK
+            rows, split = kernels.row_slots(2, n_in), kernels.row_slots(2, n_out)
+            rows[...] = x
+            for a, b in ((0, cut), (cut, width)):
+                kernels._gemv_rows(rows, kernels._padded(w), kernels._padded(split), a, b)
+            ok &= bool(np.array_equal(split, one))
+            for n in thread_counts:
+                kernels.set_gemv_threads(n)
+                ok &= bool(np.array_equal(kernels.linear_rows(x, w), one))
+                if blas.info().controllable:  # what OpenBLAS's own threads would give
+                    with blas.threads(n):
+                        theirs = np.stack([x[i] @ w for i in range(2)])
+                    with blas.threads(1):
+                        mine = np.stack([x[i] @ w for i in range(2)])
+                    blas_differs += not np.array_equal(theirs, mine)
+                cases += 1
     finally:
-        blas.set_threads(before)
-    return bool(np.array_equal(one, two))
+        kernels.set_gemv_threads(before)
+    return ok, blas_differs, cases
 
 
 def time_forward(model: StageModel, n_rows: int, exact: bool, repeats: int) -> float:
@@ -157,7 +190,7 @@ def time_forward(model: StageModel, n_rows: int, exact: bool, repeats: int) -> f
 
 def time_linears(rng: np.random.Generator, n_rows: int, n_mats: int, repeats: int) -> tuple[float, float]:
     """Seconds per matrix for n_rows rows through many 1536x576 matrices (too many to stay cached)."""
-    mats = [rng.standard_normal((1536, 576)).astype(np.float32) for _ in range(n_mats)]
+    mats = [kernels.linear_weight([rng.standard_normal((1536, 576)).astype(np.float32)]) for _ in range(n_mats)]
     x = rng.standard_normal((n_rows, 576)).astype(np.float32)
     best = {}
     for name, fn in (("exact", kernels.linear_rows), ("gemm", kernels.linear_prefill)):
@@ -192,7 +225,12 @@ def run_doctor(model_dir: str | None = None, quick: bool = False) -> int:
             other = list(rng.integers(0, V, int(rng.integers(1, 6))))
             results.append((f"{name} chain of {len(tokens)}", check_chain(model, prompt, tokens)))
             results.append((f"{name} tree {len(tokens)}+{len(other)}", check_tree(model, prompt, tokens, other)))
-    results.append(("GEMV 1 vs 2 BLAS threads", check_threads(rng)))
+    odd_shapes = {(64, 48), (37, 131), (576, 1536), (512, 3000), (333, 1001), (7, 100), (1536, 576), (576, 960)}
+    shapes = odd_shapes.union(*(linear_shapes(m) for _, m in models))
+    counts = gemv_thread_counts()
+    threads_ok, blas_differs, thread_cases = check_gemv_threads(rng, shapes, counts)
+    results.append((f"GEMV 1 thread vs {', '.join(map(str, counts))} threads, column splits ({len(shapes)} shapes)",
+                    threads_ok))
     head_shapes = {(m.config.n_kv_heads, m.config.n_groups, m.config.head_dim): name for name, m in models}
     for tiny in ((8, 1, 2), (8, 1, 4), (2, 1, 6), (4, 2, 8), (2, 1, 16)):  # tiny heads: where BLAS paths vary most
         head_shapes.setdefault(tiny, "tiny heads")
@@ -214,6 +252,9 @@ def run_doctor(model_dir: str | None = None, quick: bool = False) -> int:
         print("  other bits here in " + "; ".join(raw_notes) + " cases.")
     else:
         print("  (this BLAS gave the same bits for every layout tried, even without the canonical copies)")
+    if blas_differs:
+        print(f"  Why minipipe splits GEMVs itself: OpenBLAS's own threads gave other bits here in {blas_differs} "
+              f"of {thread_cases} cases.")
     print()
     print("Cost of the policy: M speculative rows, exact kernels (one GEMV per row) vs plain GEMM")
     repeats = 2 if quick else 5

@@ -7,12 +7,13 @@ promise that for matrix-matrix products (a GEMM of M >= 2 rows takes other code 
 single-row GEMV, and M changes which), so the kernels follow one policy, `row-gemv`:
 
 * **Decode rows** (greedy steps, speculative and tree rows): every linear layer is one
-  matrix-vector product per row (`W @ x[i]`); a row's result depends on that row alone.
+  vector-matrix product per row (`x[i] @ W`, W stored [IN, OUT]); a row's result depends on
+  that row alone.
 * **Attention** for one query gathers exactly its visible keys (ascending position) and reduces
   over them with the same calls whatever the batch; no -inf mask over a superset of keys.
 * **Norms, RoPE, SwiGLU, softmax** are elementwise or reduce along the last axis of C-contiguous
   arrays, which NumPy computes row by row.
-* **Prefill** uses batched GEMM (`X @ W.T`) over one canonical chunking of the prompt
+* **Prefill** uses batched GEMM (`X @ W`) over one canonical chunking of the prompt
   (`prefill_chunks`): every strategy prefills the same prompt through the same calls, so the
   committed prompt KV is identical everywhere, while long prompts stay fast.
 
@@ -24,22 +25,30 @@ summation order with the alignment of the data. So every operand a decode-path B
 is put into one layout that depends only on its shape, never on the batch, the order of the
 cache's cells or the cache's history:
 
-    GEMV rows     each input row and each output row is C-contiguous and starts on a
-                  64-byte boundary (`row_slots`: one aligned slot per row)
+    GEMV rows     each input row and each output row is contiguous and starts on a 64-byte
+                  boundary (`row_slots`: one aligned slot per row, padded to 16 floats)
+    weights       linear layers transposed to [IN, OUT] row slots (`linear_weight`): every
+                  weight row contiguous, 64-byte aligned, its padding up to a multiple of 16
+                  columns zero; built at load time (a copy, not a view of the file)
+    GEMV width    every decode GEMV runs on the padded width, a multiple of 16 columns (the
+                  padding's outputs are dropped); threads split it only at multiples of 16
+                  columns (`column_chunks`), where a column's bits do not change
     attention     q [KVH, G, HD], the gathered keys and values [KVH, N, HD], the scores
                   and the probabilities [KVH, G, N]: C-contiguous, 64-byte aligned,
                   freshly gathered (`canonical`, `KVCache.gather`), never views of the cache
-    weights       C-contiguous; a float32 checkpoint is mapped as it lies in the file (the
-                  same offsets in every process), everything converted or fused is 64-byte
-                  aligned (`aligned_empty`)
+
+Why `x @ W` over [IN, OUT] and not `W @ x` over the checkpoint's [OUT, IN]: OpenBLAS streams
+the former about 1.6x faster on one core (19-20 GB/s against 12 here), and decode is GEMV-bound.
 
 `minipipe doctor` checks on the running machine that these layouts give the same bits whatever
 the batch, and shows which other layouts (slices of the cache, misaligned or strided copies)
 would not.
 
-One BLAS thread per process is the default (see `minipipe.blas`); prefill GEMMs always use one,
-because their bits depend on the thread count, while decode GEMVs may use more (`minipipe
-generate --threads`; `minipipe doctor` checks that GEMV bits do not depend on the thread count).
+BLAS runs on one thread in every process (see `minipipe.blas`): prefill GEMMs because their
+bits depend on the thread count, and GEMVs because OpenBLAS's own threads split them at places
+that change the bits too. Decode GEMVs may still use several cores (`minipipe generate
+--threads`, `set_gemv_threads`): minipipe's own threads each run a one-thread GEMV on a column
+range (`column_chunks`), and `minipipe doctor` checks that the bits are those of one thread.
 `minipipe doctor` checks the policy on the running machine and measures what it costs against
 plain GEMM.
 
@@ -54,9 +63,9 @@ from . import blas  # noqa: F401  (importing it pins BLAS to one thread)
 from .config import RopeConfig
 
 POLICY = "row-gemv"
-POLICY_DESCRIPTION = ("decode rows: one GEMV per row per linear layer; attention per query over gathered "
-                      "visible keys; prefill: GEMM over canonical chunks of "
-                      "{chunk} rows")
+POLICY_DESCRIPTION = ("decode rows: one GEMV per row per linear layer (x @ W, W as [in, out] aligned row "
+                      "slots); attention per query over gathered visible keys; prefill: GEMM over canonical "
+                      "chunks of {chunk} rows")
 PREFILL_CHUNK = 128  # rows per prefill chunk: part of the exactness contract, change with care
 
 f32 = np.float32
@@ -68,10 +77,12 @@ def prefill_chunks(n_tokens: int, chunk: int = PREFILL_CHUNK) -> list[tuple[int,
 
 
 # ----------------------------------------------------------------------------------------------
-# linear layers
+# canonical layouts
 
 
 ALIGN_BYTES = 64  # every canonical BLAS operand starts on a 64-byte boundary (a cache line)
+LANE = ALIGN_BYTES // 4  # float32s per 64 bytes
+COLUMN_BLOCK = LANE  # threads split a GEMV's output columns at multiples of this (see `column_chunks`)
 
 
 def aligned_empty(shape, dtype=f32) -> np.ndarray:
@@ -100,34 +111,148 @@ def canonical(a: np.ndarray) -> np.ndarray:
 def row_slots(n_rows: int, n_cols: int) -> np.ndarray:
     """A [n_rows, n_cols] float32 view whose every row is contiguous and 64-byte aligned
     (rows are padded to a multiple of 16 floats).  -> [n_rows, n_cols]"""
-    stride = -(-n_cols // (ALIGN_BYTES // 4)) * (ALIGN_BYTES // 4)  # floats per padded row
+    stride = -(-n_cols // LANE) * LANE  # floats per padded row
     return aligned_empty((n_rows, stride))[:, :n_cols]
+
+
+def has_row_slots(a: np.ndarray) -> bool:
+    """2-D float32 whose every row is contiguous and starts on a 64-byte boundary (the layout
+    `row_slots` makes: GEMV rows, and the rows of a linear layer's [IN, OUT] weight)."""
+    return (a.ndim == 2 and a.dtype == f32 and a.ctypes.data % ALIGN_BYTES == 0
+            and (a.shape[1] <= 1 or a.strides[1] == 4) and (a.shape[0] <= 1 or a.strides[0] % ALIGN_BYTES == 0))
+
+
+def padded_width(n_cols: int) -> int:
+    """Columns of a row slot: n_cols rounded up to a multiple of 16 floats (64 bytes)."""
+    return -(-n_cols // LANE) * LANE
+
+
+def linear_weight(parts: list[np.ndarray]) -> np.ndarray:
+    """The canonical weight of a linear layer from checkpoint matrices [OUT_i, IN] stacked along
+    OUT (one part, or q/k/v, or gate/up): transposed into [IN, OUT] row slots, so that a decode
+    row is `x @ W` with every weight row contiguous and 64-byte aligned, and each row's padding
+    (up to a multiple of 16 columns) zero.  -> [IN, sum OUT_i]"""
+    n_in = parts[0].shape[1]
+    n_out = sum(p.shape[0] for p in parts)
+    w = row_slots(n_in, n_out)  # [IN, OUT]
+    _padded(w)[:, n_out:] = 0
+    col = 0
+    for p in parts:
+        for r in range(0, n_in, 256):  # in blocks of rows: a transposing copy that stays in the caches
+            w[r: r + 256, col: col + p.shape[0]] = p[:, r: r + 256].T
+        col += p.shape[0]
+    return w
+
+
+def is_linear_weight(w: np.ndarray) -> bool:
+    """[IN, OUT] row slots as `linear_weight` makes them (rows exactly padded_width(OUT) apart)."""
+    return has_row_slots(w) and w.strides[0] == padded_width(w.shape[1]) * 4
+
+
+def _padded(a: np.ndarray) -> np.ndarray:
+    """[R, C] row slots -> [R, padded_width(C)]: the same rows with their padding columns."""
+    width = padded_width(a.shape[1])
+    if width == a.shape[1]:
+        return a
+    return np.lib.stride_tricks.as_strided(a, shape=(a.shape[0], width), strides=(a.strides[0], 4))
+
+
+# ----------------------------------------------------------------------------------------------
+# linear layers
+
+
+def column_chunks(n_out: int, n_threads: int) -> list[tuple[int, int]]:
+    """How a GEMV's columns are split over `n_threads` threads: [start, end) ranges of the padded
+    width (`padded_width(n_out)`), with boundaries at multiples of COLUMN_BLOCK (16 floats, 64
+    bytes), as even as that allows.
+
+    Every decode GEMV runs on the padded width, a multiple of 16 columns (the padding columns
+    of the weight are zero and their outputs are dropped). On that width a column's bits do not
+    depend on the split: OpenBLAS computes every column the same way whether it is called on
+    all columns or on any range starting at a multiple of 16 (`minipipe doctor` and the tests
+    check it, for the model's shapes and for odd ones). On a width that is not a multiple of 16
+    they do change (the kernel treats the tail differently), and OpenBLAS's own threads split
+    at other places (960 columns on 8 threads: every 120) where they change too, so minipipe
+    never lets OpenBLAS thread a GEMV: its own threads each run a one-thread GEMV on a range.
+    """
+    blocks = padded_width(n_out) // COLUMN_BLOCK
+    n = max(1, min(n_threads, blocks))
+    bounds = [blocks * k // n * COLUMN_BLOCK for k in range(n + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+class _Gemv:
+    """The decode GEMVs' thread team: None (the caller's thread only) or a `blas.ColumnTeam`."""
+
+    team: "blas.ColumnTeam | None" = None
+
+
+def set_gemv_threads(n: int) -> None:
+    """Run decode-row GEMVs on `n` threads (1: the calling thread only; BLAS itself stays on one)."""
+    if n < 1:
+        raise ValueError(f"GEMV threads must be >= 1, got {n}")
+    if _Gemv.team is not None:
+        if _Gemv.team.n_threads == n:
+            return
+        _Gemv.team.close()
+        _Gemv.team = None
+    if n > 1:
+        _Gemv.team = blas.ColumnTeam(n)
+
+
+def gemv_threads() -> int:
+    return 1 if _Gemv.team is None else _Gemv.team.n_threads
+
+
+def _gemv_rows(rows: np.ndarray, w: np.ndarray, out: np.ndarray, a: int, b: int) -> None:
+    """out[i, a:b] = rows[i] @ w[:, a:b] for every row, one GEMV each (w, out: padded widths)."""
+    wc = w[:, a:b] if a or b != w.shape[1] else w
+    for i in range(rows.shape[0]):
+        np.matmul(rows[i], wc, out=out[i, a:b])  # [IN] @ [IN, b - a] -> [b - a]
 
 
 def linear_rows(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
     """Batch-invariant linear layer: one GEMV per row, each row in its own aligned slot.
 
-    [T, IN] -> [T, OUT] (a view of aligned row slots: contiguous rows, padded between them)
+    x: [T, IN]; w: [IN, OUT] from `linear_weight`.
+    -> [T, OUT] (a view of aligned row slots: contiguous rows, padded between them)
+
+    The GEMV runs on the padded width (a multiple of 16 columns; see `column_chunks`). With
+    `set_gemv_threads(n)` each row's GEMV is split into the column ranges of `column_chunks`,
+    run on n threads; the bits are those of one thread.
     """
-    T = x.shape[0]
-    rows = row_slots(T, x.shape[1])  # [T, IN]
-    rows[...] = x
-    out = row_slots(T, w.shape[0])  # [T, OUT]
-    for i in range(T):
-        np.matmul(w, rows[i], out=out[i])  # [OUT, IN] @ [IN] -> [OUT]
+    if not is_linear_weight(w):
+        raise ValueError("linear_rows needs a weight from kernels.linear_weight ([IN, OUT] row slots)")
+    T, n_in = x.shape
+    if has_row_slots(x):
+        rows = x
+    else:
+        rows = row_slots(T, n_in)  # [T, IN]
+        rows[...] = x
+    n_out = w.shape[1]
+    out = row_slots(T, n_out)  # [T, OUT]
+    wp, outp = _padded(w), _padded(out)  # [IN, OUT'], [T, OUT']: OUT' a multiple of 16
+    team = _Gemv.team
+    if team is None:
+        for i in range(T):
+            np.matmul(rows[i], wp, out=outp[i])  # [IN] @ [IN, OUT'] -> [OUT']
+    else:
+        team.run(_gemv_rows, (rows, wp, outp), column_chunks(n_out, team.n_threads))
     if b is not None:
         out += b
     return out
 
 
 def linear_prefill(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
-    """Batched linear layer for prompt chunks (GEMM; rows are NOT independent).  [T, IN] -> [T, OUT]
+    """Batched linear layer for prompt chunks (GEMM; rows are NOT independent).
+
+    x: [T, IN]; w: [IN, OUT] (`linear_weight`).  -> [T, OUT]
 
     Always one BLAS thread: OpenBLAS's GEMM gives other bits with other thread counts, and the
-    prompt's K/V must be the same in every process (GEMV, used for decode rows, does not vary).
+    prompt's K/V must be the same in every process.
     """
     with blas.threads(1):
-        out = x @ w.T  # [T, IN] @ [IN, OUT] -> [T, OUT]
+        out = x @ w  # [T, IN] @ [IN, OUT] -> [T, OUT]
     if b is not None:
         out += b
     return out
@@ -151,10 +276,12 @@ def swiglu(gate_up: np.ndarray) -> np.ndarray:
         return gate / (f32(1.0) + np.exp(-gate)) * up  # [T, F]
 
 
-def softmax(scores: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis, in float32.  [..., N] -> [..., N]"""
-    e = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+def softmax(scores: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Softmax over the last axis, in float32.  [..., N] -> [..., N] (into `out` when given)"""
+    e = np.subtract(scores, scores.max(axis=-1, keepdims=True), out=out)
+    np.exp(e, out=e)
+    e /= e.sum(axis=-1, keepdims=True)
+    return e
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,23 +316,34 @@ def rope_cos_sin(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarra
     return np.cos(angles), np.sin(angles)
 
 
-def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotate each head's halves: [x1, x2] -> [x1·c - x2·s, x2·c + x1·s].  [T, heads, HD] -> same"""
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Rotate each head's halves: [x1, x2] -> [x1·c - x2·s, x2·c + x1·s].  [T, heads, HD] -> same
+
+    `out` (same shape, not overlapping x): where to write the result (a fresh array by default).
+    """
     half = x.shape[-1] // 2
+    if out is None:
+        out = np.empty(x.shape, dtype=f32)
     x1, x2 = x[..., :half], x[..., half:]  # [T, heads, HD/2] each
+    o1, o2 = out[..., :half], out[..., half:]
     c, s = cos[:, None, :], sin[:, None, :]  # [T, 1, HD/2]
-    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)  # [T, heads, HD]
+    np.multiply(x1, c, out=o1)
+    o1 -= x2 * s  # x1·c - x2·s
+    np.multiply(x2, c, out=o2)
+    o2 += x1 * s  # x2·c + x1·s
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
 # attention
 
 
-def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
+def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, out: np.ndarray | None = None) -> np.ndarray:
     """Attention of one query over exactly its visible keys (ascending position).
 
     q: [KVH, G, HD] (the query's heads, grouped by the KV head they read)
     k, v: [KVH, N, HD] (the N visible cells)
+    out: [KVH, G, HD], canonical, where to write the result (a fresh array by default)
     returns [KVH, G, HD]
 
     Both products run on canonical operands (see the module docstring), so the bits depend on
@@ -216,10 +354,13 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndar
     q, k, v = canonical(q), canonical(k), canonical(v)
     scores = aligned_empty((KVH, G, N))
     np.matmul(q, k.transpose(0, 2, 1), out=scores)  # [KVH, G, HD] @ [KVH, HD, N] -> [KVH, G, N]
-    probs = canonical(softmax(scores * f32(scale)))  # [KVH, G, N]
-    out = aligned_empty((KVH, G, HD))
-    np.matmul(probs, v, out=out)  # [KVH, G, N] @ [KVH, N, HD] -> [KVH, G, HD]
-    return out
+    scores *= f32(scale)
+    probs = softmax(scores, out=scores)  # [KVH, G, N], in place: still canonical
+    dest = out if out is not None and is_canonical(out) else aligned_empty((KVH, G, HD))
+    np.matmul(probs, v, out=dest)  # [KVH, G, N] @ [KVH, N, HD] -> [KVH, G, HD]
+    if out is not None and dest is not out:
+        out[...] = dest
+    return dest if out is None else out
 
 
 def argmax_rows(logits: np.ndarray) -> np.ndarray:

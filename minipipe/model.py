@@ -114,7 +114,7 @@ class StageModel:
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Final norm and LM head, one GEMV per row.  [T, D] -> [T, V]"""
         h = kernels.rms_norm(x, self.weights.final_norm, self.config.norm_eps)  # [T, D]
-        return kernels.linear_rows(h, self.weights.head)  # [T, D] -> [T, V]
+        return kernels.linear_rows(h, self.weights.head)  # [T, D] @ [D, V] -> [T, V]
 
     def _decoder_layer(self, lw: LayerWeights, x: np.ndarray, cache: KVCache, layer: int, cells: np.ndarray,
                        visible: list, cos: np.ndarray, sin: np.ndarray, linear) -> np.ndarray:
@@ -124,23 +124,23 @@ class StageModel:
 
         # attention block
         h = kernels.rms_norm(x, lw.attn_norm, c.norm_eps)  # [T, D]
-        qkv = linear(h, lw.wqkv, lw.bqkv)  # [T, D] -> [T, (H + 2·KVH)·HD]
-        q = qkv[:, : H * HD].reshape(T, H, HD)  # [T, H, HD]
-        k = qkv[:, H * HD: (H + KVH) * HD].reshape(T, KVH, HD)  # [T, KVH, HD]
+        qkv = linear(h, lw.wqkv, lw.bqkv)  # [T, D] @ [D, (H + 2·KVH)·HD] -> [T, (H + 2·KVH)·HD]
+        # q and k rotated in one pass, into aligned row slots: each row's q heads start a slot
+        qk = kernels.row_slots(T, (H + KVH) * HD).reshape(T, H + KVH, HD)  # [T, H + KVH, HD]
+        kernels.apply_rope(qkv[:, : (H + KVH) * HD].reshape(T, H + KVH, HD), cos, sin, out=qk)
+        q, k = qk[:, :H], qk[:, H:]  # [T, H, HD], [T, KVH, HD]
         v = qkv[:, (H + KVH) * HD:].reshape(T, KVH, HD)  # [T, KVH, HD]
-        q = kernels.apply_rope(q, cos, sin)  # [T, H, HD]
-        k = kernels.apply_rope(k, cos, sin)  # [T, KVH, HD]
         cache.write(layer, cells, k, v)
-        attn = np.empty((T, H * HD), dtype=np.float32)  # [T, H·HD]
+        attn = kernels.row_slots(T, H * HD)  # [T, H·HD]
         for i in range(T):  # one query at a time, over exactly its visible cells
             keys, values = cache.gather(layer, visible[i])  # [KVH, N, HD] each, canonical copies
-            attn[i] = kernels.attend(q[i].reshape(KVH, G, HD), keys, values, self.scale).reshape(H * HD)
-        x = x + linear(attn, lw.wo, lw.bo)  # [T, H·HD] -> [T, D]
+            kernels.attend(q[i].reshape(KVH, G, HD), keys, values, self.scale, out=attn[i].reshape(KVH, G, HD))
+        x = x + linear(attn, lw.wo, lw.bo)  # [T, H·HD] @ [H·HD, D] -> [T, D]
 
         # MLP block
         h = kernels.rms_norm(x, lw.mlp_norm, c.norm_eps)  # [T, D]
-        gate_up = linear(h, lw.w_gate_up, lw.b_gate_up)  # [T, D] -> [T, 2F]
-        return x + linear(kernels.swiglu(gate_up), lw.w_down, lw.b_down)  # [T, F] -> [T, D]
+        gate_up = linear(h, lw.w_gate_up, lw.b_gate_up)  # [T, D] @ [D, 2F] -> [T, 2F]
+        return x + linear(kernels.swiglu(gate_up), lw.w_down, lw.b_down)  # [T, F] @ [F, D] -> [T, D]
 
 
 @dataclass

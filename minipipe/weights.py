@@ -9,17 +9,25 @@ so that it can memory-map every tensor and widen bfloat16, which NumPy lacks:
     F16  -> widened to float32                   (exact)
     BF16 -> uint16 bits shifted into the high half of a uint32, viewed as float32 (exact)
 
-Everything converted or fused is written into a fresh 64-byte-aligned array, the canonical
-layout of the exactness policy (`minipipe.kernels`); mapped float32 tensors keep the file's
-offsets, which are the same in every process.
+A stage's weights are laid out for decoding (the exactness policy of `minipipe.kernels`):
+
+    linear layers     transposed to [IN, OUT] in 64-byte-aligned row slots
+                      (`kernels.linear_weight`), so a decode row is `x @ W` (OpenBLAS streams
+                      that about 1.6x faster than `W @ x` over the checkpoint's [OUT, IN]);
+                      q/k/v are fused into one `wqkv` and gate/up into one `w_gate_up`, so a
+                      decode row costs four GEMVs per layer instead of seven
+    LM head           the same, [D, V]; a tied embedding is a view of it ([V, D], strided)
+    embedding         (untied, first stage) as it lies in the file for F32: a zero-copy view
+    norms, biases     1-D; biases fused and 64-byte aligned
+
+So the linear layers are not memory-mapped: a stage holds one transposed copy of its own
+weights (about the size of its part of the checkpoint), built layer by layer from the mapped
+file, which the page cache may then drop.
 
 A pipeline stage asks only for the layers `[lo, hi)` it owns (plus the embedding on the first
 stage and the final norm and head on the last); nothing else is read from disk.
 
-Checkpoint names are translated to minipipe's short names in one place, `load_stage_weights`:
-q/k/v projections are fused into one `wqkv` matrix and gate/up into one `w_gate_up`, so a decode
-row costs four matrix-vector products per layer instead of seven. Weights stay in the checkpoint's
-`[out, in]` orientation: a linear layer is `W @ x`.
+Checkpoint names are translated to minipipe's short names in one place, `load_stage_weights`.
 """
 
 from __future__ import annotations
@@ -293,17 +301,18 @@ def fused(parts: list[np.ndarray]) -> np.ndarray:
 
 @dataclass
 class LayerWeights:
-    """One decoder layer, in `[out, in]` orientation; biases are None unless the config has them."""
+    """One decoder layer. Linear weights are [in, out] row slots (`kernels.linear_weight`): a
+    row's output is `x @ w`. Biases are None unless the config has them."""
 
     attn_norm: np.ndarray  # [D]
-    wqkv: np.ndarray  # [(H + 2·KVH)·HD, D]  rows: q heads, then k heads, then v heads
+    wqkv: np.ndarray  # [D, (H + 2·KVH)·HD]  columns: q heads, then k heads, then v heads
     bqkv: np.ndarray | None  # [(H + 2·KVH)·HD]
-    wo: np.ndarray  # [D, H·HD]
+    wo: np.ndarray  # [H·HD, D]
     bo: np.ndarray | None  # [D]
     mlp_norm: np.ndarray  # [D]
-    w_gate_up: np.ndarray  # [2·F, D]  rows: gate, then up
+    w_gate_up: np.ndarray  # [D, 2·F]  columns: gate, then up
     b_gate_up: np.ndarray | None  # [2·F]
-    w_down: np.ndarray  # [D, F]
+    w_down: np.ndarray  # [F, D]
     b_down: np.ndarray | None  # [D]
 
 
@@ -315,15 +324,15 @@ class StageWeights:
     lo: int
     hi: int
     layers: list[LayerWeights]
-    embed: np.ndarray | None  # [V, D]   first stage only
+    embed: np.ndarray | None  # [V, D]   first stage only (tied, with the head: a view of head.T)
     final_norm: np.ndarray | None  # [D]  last stage only
-    head: np.ndarray | None  # [V, D]   last stage only (the embedding itself when tied)
+    head: np.ndarray | None  # [D, V]   last stage only, row slots (`kernels.linear_weight`)
 
     @property
     def n_bytes(self) -> int:
         """Bytes of weights a decode step reads (the head once; a tied head is the embedding)."""
         arrays = [a for lw in self.layers for a in vars(lw).values() if a is not None]
-        arrays += [a for a in (self.final_norm, self.head) if a is not None]
+        arrays += [a for a in (self.final_norm, self.head) if a is not None]  # a tied embed is head.T
         return sum(a.nbytes for a in arrays)
 
 
@@ -350,44 +359,47 @@ def load_stage_weights(checkpoint: Checkpoint, config: ModelConfig, lo: int = 0,
     if progress:
         from tqdm import tqdm
         layer_ids = tqdm(layer_ids, desc="loading layers", unit="layer", leave=False)
+    linear = kernels.linear_weight  # checkpoint [OUT, IN] matrices -> one [IN, OUT] row-slot weight
     layers = []
-    for i in layer_ids:
+    for i in layer_ids:  # one layer at a time: the mapped pages of a layer are read once, then dropped
         p = f"model.layers.{i}."
         a = p + "self_attn."
         m = p + "mlp."
         qkv_bias = None
         if c.attention_bias:
             qkv_bias = fused([bias(a + f"{x}_proj.bias", r, True)
-                                       for x, r in (("q", q_rows), ("k", kv_rows), ("v", kv_rows))])
+                              for x, r in (("q", q_rows), ("k", kv_rows), ("v", kv_rows))])
         gate_up_bias = None
         if c.mlp_bias:
             gate_up_bias = fused([bias(m + "gate_proj.bias", F, True), bias(m + "up_proj.bias", F, True)])
         layers.append(LayerWeights(
             attn_norm=get(p + "input_layernorm.weight", (D,)),
-            wqkv=fused([get(a + "q_proj.weight", (q_rows, D)),
-                                 get(a + "k_proj.weight", (kv_rows, D)),
-                                 get(a + "v_proj.weight", (kv_rows, D))]),
+            wqkv=linear([get(a + "q_proj.weight", (q_rows, D)),
+                         get(a + "k_proj.weight", (kv_rows, D)),
+                         get(a + "v_proj.weight", (kv_rows, D))]),
             bqkv=qkv_bias,
-            wo=get(a + "o_proj.weight", (D, q_rows)),
+            wo=linear([get(a + "o_proj.weight", (D, q_rows))]),
             bo=bias(a + "o_proj.bias", D, c.attention_bias),
             mlp_norm=get(p + "post_attention_layernorm.weight", (D,)),
-            w_gate_up=fused([get(m + "gate_proj.weight", (F, D)), get(m + "up_proj.weight", (F, D))]),
+            w_gate_up=linear([get(m + "gate_proj.weight", (F, D)), get(m + "up_proj.weight", (F, D))]),
             b_gate_up=gate_up_bias,
-            w_down=get(m + "down_proj.weight", (D, F)),
+            w_down=linear([get(m + "down_proj.weight", (D, F))]),
             b_down=bias(m + "down_proj.bias", D, c.mlp_bias),
         ))
-    embed = get("model.embed_tokens.weight", (V, D)) if with_embed or (with_head and c.tie_embeddings) else None
-    head = None
+    embed = head = None
     if with_head:
         if c.tie_embeddings:
-            head = embed
+            head = linear([get("model.embed_tokens.weight", (V, D))])  # [D, V]
+            embed = head.T if with_embed else None  # [V, D] view: rows gathered with a stride
         elif checkpoint.has("lm_head.weight"):
-            head = get("lm_head.weight", (V, D))
+            head = linear([get("lm_head.weight", (V, D))])  # [D, V]
         else:
             raise CheckpointError("checkpoint lacks lm_head.weight and tie_word_embeddings is false")
+    if with_embed and embed is None:
+        embed = get("model.embed_tokens.weight", (V, D))  # [V, D]; F32: a view of the mapped file
     return StageWeights(
         config=c, lo=lo, hi=hi, layers=layers,
-        embed=embed if with_embed else None,
+        embed=embed,
         final_norm=get("model.norm.weight", (D,)) if with_head else None,
         head=head,
     )

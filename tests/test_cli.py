@@ -64,6 +64,22 @@ def test_generate_without_tokenizer_prints_ids(tmp_path):
     assert r.returncode == 0 and len(r.stdout.split()) == 4
 
 
+def test_ignore_eos_generates_the_full_count(tmp_path):
+    """--ignore-eos: end-of-sequence ids do not stop generation (benchmarks make a fixed count)."""
+    from minipipe.greedy import generate_greedy
+    from minipipe.synthetic import random_model
+
+    first = generate_greedy(random_model(seed=1, **SMALL), [3, 4, 5], 1).tokens[0]
+    d = make_random_checkpoint(tmp_path / "m", seed=1, eos_token_id=int(first), **SMALL)  # eos comes at once
+    base = ["generate", "--prompt-ids", "3,4,5", "--model", str(d), "--max-new-tokens", "6", "--json"]
+    for extra in ([], ["--strategy", "pipeline", "--stages", "2"]):
+        stopped = json.loads(run(*base, *extra).stdout)
+        assert stopped["tokens"] == [first] and stopped["metrics"]["stop_reason"] == "eos"
+        full = json.loads(run(*base, *extra, "--ignore-eos").stdout)
+        assert len(full["tokens"]) == 6 and full["tokens"][0] == first
+        assert full["metrics"]["stop_reason"] == "length"
+
+
 def _bad_model(tmp_path, kind: str):
     d = make_random_checkpoint(tmp_path / "m", seed=1, **SMALL)
     raw = hf_config(**SMALL)

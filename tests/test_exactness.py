@@ -121,7 +121,7 @@ def test_linear_rows_ignore_batch_and_alignment(data):
     n_rows = data.draw(st.integers(1, 9), label="rows")
     offset = data.draw(st.integers(0, 15), label="offset (floats)")
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
-    w = rng.standard_normal((n_out, n_in)).astype(np.float32)
+    w = kernels.linear_weight([rng.standard_normal((n_out, n_in)).astype(np.float32)])  # [IN, OUT]
     buf = np.empty(n_rows * n_in + 16, dtype=np.float32)
     x = buf[offset: offset + n_rows * n_in].reshape(n_rows, n_in)
     x[:] = rng.standard_normal((n_rows, n_in))
@@ -129,3 +129,32 @@ def test_linear_rows_ignore_batch_and_alignment(data):
     for i in range(n_rows):
         alone = kernels.linear_rows(x[i:i + 1].copy(), w)[0]
         assert np.array_equal(got[i], alone)
+
+
+@given(data=st.data())
+def test_gemv_bits_do_not_depend_on_threads_or_column_split(data):
+    """`--threads N`: a row's GEMV split into column ranges at multiples of 16, the ranges run on
+    N threads, gives the bits of one thread, for any N and any such split (odd shapes included,
+    where the weight's rows are padded to 64-byte row slots)."""
+    n_in = data.draw(st.integers(1, 700), label="in")
+    n_out = data.draw(st.integers(1, 3000), label="out")
+    n_rows = data.draw(st.integers(1, 3), label="rows")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    w = kernels.linear_weight([rng.standard_normal((n_out, n_in)).astype(np.float32)])
+    x = rng.standard_normal((n_rows, n_in)).astype(np.float32)
+    expected = kernels.linear_rows(x, w).copy()
+    width = kernels.padded_width(n_out)  # GEMVs run on the padded width, a multiple of 16
+    cuts = data.draw(st.lists(st.integers(1, width // kernels.COLUMN_BLOCK), max_size=4), label="cuts (blocks)")
+    bounds = sorted({0, width} | {c * kernels.COLUMN_BLOCK for c in cuts})
+    rows = kernels.row_slots(n_rows, n_in)
+    rows[...] = x
+    split = kernels.row_slots(n_rows, n_out)
+    for a, b in zip(bounds, bounds[1:]):
+        kernels._gemv_rows(rows, kernels._padded(w), kernels._padded(split), a, b)
+    assert np.array_equal(split, expected), bounds
+    threads = data.draw(st.sampled_from([2, 3, 5, 8]), label="threads")
+    try:
+        kernels.set_gemv_threads(threads)
+        assert np.array_equal(kernels.linear_rows(x, w), expected)
+    finally:
+        kernels.set_gemv_threads(1)

@@ -59,7 +59,7 @@ def test_attention_bits_do_not_depend_on_layout(kv_heads, groups, head_dim, n, s
 @given(n_in=st.integers(1, 80), n_out=st.integers(1, 80), rows=st.integers(1, 9), seed=st.integers(0, 2**16))
 def test_linear_rows_bits_do_not_depend_on_layout(n_in, n_out, rows, seed):
     rng = np.random.default_rng(seed)
-    w = rng.standard_normal((n_out, n_in)).astype(np.float32)
+    w = kernels.linear_weight([rng.standard_normal((n_out, n_in)).astype(np.float32)])  # [IN, OUT]
     x = rng.standard_normal((1, rows, n_in)).astype(np.float32)
     alone = [kernels.linear_rows(x[0, i:i + 1].copy(), w)[0] for i in range(rows)]
     for name, x2 in layouts(x, rng).items():

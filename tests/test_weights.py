@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from minipipe import kernels
 from minipipe.config import ModelConfig, load_config
 from minipipe.errors import CheckpointError
 from minipipe.greedy import generate_greedy
@@ -45,14 +46,26 @@ def test_dtypes_and_shards_load_the_same_model(tmp_path, dtype, n_shards):
     _, blob = to_storage(expected, dtype)  # what the file holds, widened back
     stored = {"F32": lambda b: np.frombuffer(b, "<f4"), "F16": lambda b: np.frombuffer(b, "<f2").astype(np.float32),
               "BF16": lambda b: (np.frombuffer(b, "<u2").astype(np.uint32) << 16).view(np.float32)}[dtype](blob)
-    assert np.array_equal(model.weights.layers[1].w_down, stored.reshape(expected.shape))
+    assert np.array_equal(model.weights.layers[1].w_down, stored.reshape(expected.shape).T)  # stored [in, out]
     assert len(generate_greedy(model, [1, 2, 3], 5).tokens) == 5
 
 
-def test_f32_tensors_are_memory_mapped(tmp_path):
-    d = make_random_checkpoint(tmp_path / "m", seed=1, **SMALL)
-    w = load_stage(d).weights.layers[0].w_down
-    assert not w.flags.owndata and not w.flags.writeable  # a read-only view of the mapped file
+@pytest.mark.parametrize("tie", [False, True])
+def test_linear_weights_are_transposed_row_slots_and_the_embedding_stays_mapped(tmp_path, tie):
+    """Linear layers are copied into [in, out] 64-byte row slots (the decode GEMV's layout); an
+    untied float32 embedding stays a read-only view of the mapped file."""
+    d = make_random_checkpoint(tmp_path / "m", seed=1, tie_embeddings=tie, **SMALL)
+    w = load_stage(d).weights
+    reference = random_tensors(load_config(d), 1)
+    for lw in w.layers:
+        for a in (lw.wqkv, lw.wo, lw.w_gate_up, lw.w_down):
+            assert kernels.has_row_slots(a) and a.flags.writeable
+    assert np.array_equal(w.layers[0].wo, reference["model.layers.0.self_attn.o_proj.weight"].T)
+    assert kernels.has_row_slots(w.head) and w.head.shape == (SMALL["dim"], SMALL["vocab_size"])
+    if not tie:
+        assert not w.embed.flags.owndata and not w.embed.flags.writeable  # a view of the mapped file
+        assert np.array_equal(w.head, reference["lm_head.weight"].T)
+    assert np.array_equal(w.embed, reference["model.embed_tokens.weight"])
 
 
 def test_a_stage_reads_only_its_own_tensors(tmp_path, monkeypatch):
@@ -78,7 +91,7 @@ def test_a_stage_reads_only_its_own_tensors(tmp_path, monkeypatch):
 def test_tied_head_is_the_embedding(tmp_path):
     d = make_random_checkpoint(tmp_path / "m", seed=2, tie_embeddings=True, **SMALL)
     w = load_stage(d).weights
-    assert w.head is w.embed
+    assert np.shares_memory(w.embed, w.head) and np.array_equal(w.embed, w.head.T)  # one copy: embed is head.T
 
 
 @pytest.mark.parametrize("damage, message", [
