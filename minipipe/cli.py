@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
                      help="stop after N generated tokens (default: 64); generation also stops at an "
                           "end-of-sequence token or when the context is full")
+    gen.add_argument("--ignore-eos", action="store_true",
+                     help="do not stop at end-of-sequence tokens: generate --max-new-tokens tokens (unless the "
+                          "context fills), as benchmarks want (llama.cpp's --ignore-eos)")
     gen.add_argument("--strategy", choices=STRATEGIES, default="greedy",
                      help="decoding strategy: greedy (single process, the oracle; default), pipeline "
                           "(plain pipeline parallelism over --stages processes), speculative (draft a chain, "
@@ -80,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true",
                      help='print one JSON object {"tokens": [...], "text": ..., "metrics": {...}} instead of streaming')
     gen.add_argument("--threads", type=int, default=1, metavar="N",
-                     help="greedy: BLAS threads for the decode steps (default 1; prefill always uses 1 so the "
-                          "prompt's K/V match every other strategy's). Pipeline stages use one thread each")
+                     help="greedy: threads for the decode steps' matrix-vector products (default 1), each "
+                          "splitting the columns at places that keep the bits of one thread; prefill always uses "
+                          "1 so the prompt's K/V match every other strategy's. Pipeline stages use one thread each")
     gen.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
 
     spec = gen.add_argument_group("speculation (speculative, tree, pipeinfer, specpipe)")
@@ -192,7 +196,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt_ids = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else tokenizer.encode(text)
     check_prompt(prompt_ids, config.vocab_size, config.max_positions)
     show_progress = not args.quiet and sys.stderr.isatty()
-    eos_ids = tokenizer.eos_ids if tokenizer is not None else config.eos_ids
+    eos_ids = () if args.ignore_eos else tokenizer.eos_ids if tokenizer is not None else config.eos_ids
 
     stream = tokenizer.stream(prompt_ids) if tokenizer is not None and not args.json else None
     bar = None
@@ -246,11 +250,14 @@ def _run_strategy(args, config, prompt_ids, eos_ids, on_token, show_progress):
     if args.strategy == "greedy":
         if args.stages not in (None, 1) or args.split or args.trace or args.timeline:
             raise InputError("--stages, --split, --trace and --timeline need a pipelined --strategy")
-        from . import blas
+        from . import kernels
 
         model = load_stage(args.model, progress=show_progress)
-        blas.set_threads(args.threads)
-        return generate_greedy(model, prompt_ids, args.max_new_tokens, eos_ids, on_token=on_token)
+        kernels.set_gemv_threads(args.threads)
+        try:
+            return generate_greedy(model, prompt_ids, args.max_new_tokens, eos_ids, on_token=on_token)
+        finally:
+            kernels.set_gemv_threads(1)
     if args.threads != 1:
         raise InputError("--threads applies to --strategy greedy (pipeline stages use one BLAS thread each)")
 
