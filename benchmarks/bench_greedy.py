@@ -1,27 +1,32 @@
-"""Greedy decode speed of minipipe against the memory-bandwidth bound and against transformers.
+"""Greedy decode speed of minipipe against the memory-bandwidth bound and against transformers,
+measured side by side in one run, in interleaved rounds.
 
-    python benchmarks/bench_greedy.py [--model DIR|NAME] [--tokens N] [--prompt TEXT] [--json]
+    python benchmarks/bench_greedy.py --model smollm2-135m --tokens 128 [--rounds 5] [--json]
+    python benchmarks/bench_greedy.py                          # the shipped tinybard
     python benchmarks/bench_greedy.py --random-smollm          # SmolLM2-135M-sized random weights
 
-What it measures, all in one run on this machine:
+Every round runs, one after the other, in an order that rotates from round to round (after one
+warm-up run of each):
 
-* **minipipe decode tokens/s**: `greedy.generate_greedy` on the prompt for N new tokens (eos
-  ignored, so every run makes exactly N), reading `decode_tokens_per_s` from its metrics
-  ((N - 1) / (total time - time to first token): prefill excluded). Best of `--repeats` runs.
-  minipipe runs with one BLAS thread (its default, `minipipe.blas`).
-* **bandwidth bound**: a decode step must read every weight once, so it cannot beat
-  bandwidth / (bytes of weights read per token). The bytes are `StageWeights.n_bytes` (all layers,
-  final norm and head; a tied head counted once; float32, as minipipe holds them in memory);
-  KV-cache reads are left out. The bandwidth is that of `np.copyto` over a 256 MB float32 array
-  (best of several runs, after a warm-up), counting bytes read + bytes written (the STREAM "copy"
-  convention; write-allocate traffic is not counted, so real DRAM traffic is higher). When the
-  weights fit in the last-level cache the bound is not a DRAM bound and the script says so.
-* **transformers decode tokens/s** (when torch and transformers import): `LlamaForCausalLM` on
-  the same checkpoint in float32 with eager attention, greedy `generate` with eos disabled, timed
-  for N new tokens and for 1 new token; decode rate = (N - 1) / (t_N - t_1), so prefill and the
-  call's fixed costs cancel (best time of `--repeats` each). Once with `torch.set_num_threads(1)`
-  (like minipipe) and once with torch's default thread count. The ratio minipipe / transformers
-  compares decode rates.
+* **copy** — `np.copyto` over a 256 MB float32 array (one thread), counting bytes read + bytes
+  written (the STREAM "copy" convention; write-allocate traffic is not counted, so real DRAM
+  traffic is higher). The **bound** of that round is this bandwidth / the bytes of weights a
+  decode step reads (`StageWeights.n_bytes`: all layers, final norm and head, float32, a tied
+  head counted once; KV-cache reads left out): a decode step must read every weight once.
+* **minipipe** — `greedy.generate_greedy` for N new tokens (eos ignored, so exactly N), decode
+  rate from its metrics: (N - 1) / (total time - time to first token), prefill excluded. On one
+  thread (the default), and with `--threads` GEMV threads (`kernels.set_gemv_threads`, what
+  `minipipe generate --threads` uses; default: every CPU) when the machine has more than one.
+* **transformers** (when torch and transformers import): `LlamaForCausalLM` on the same
+  checkpoint in float32, eager attention, greedy `generate` with eos disabled, timed for N new
+  tokens and for 1 new token in the same round; decode rate = (N - 1) / (t_N - t_1), so prefill
+  and the call's fixed costs cancel. With `torch.set_num_threads(1)` and with the thread count
+  of the minipipe `--threads` row.
+
+Each row's figure is the median over the rounds; the ratios are per round (both engines in the
+same round, seconds apart), then the median. `% of bound` divides a row's rate by the bound of
+its own round. When the weights fit in the last-level cache the bound is not a DRAM bound and
+the script says so.
 
 Progress goes to stderr; the table (or with --json one JSON object) to stdout.
 """
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -44,7 +50,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
 from common import cpu_name, progress  # noqa: E402
-from minipipe import blas  # noqa: E402
+from minipipe import blas, kernels  # noqa: E402
 from minipipe.config import load_config  # noqa: E402
 from minipipe.greedy import generate_greedy  # noqa: E402
 from minipipe.model import load_stage  # noqa: E402
@@ -55,7 +61,6 @@ from minipipe.tokenizer import Tokenizer  # noqa: E402
 SMOLLM_LIKE = dict(dim=576, ffn_dim=1536, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152,
                    tie_embeddings=True, max_positions=2048, rope_theta=100000.0)
 COPY_MB = 256
-
 
 
 def last_level_cache_bytes() -> int | None:
@@ -71,32 +76,69 @@ def last_level_cache_bytes() -> int | None:
     return max(sizes) if sizes else None
 
 
-def measure_copy_bandwidth(mb: int = COPY_MB, repeats: int = 5) -> dict:
-    """np.copyto over an `mb`-MB float32 array; bytes read + bytes written per second (best run)."""
-    src = np.ones(mb * 1024 * 1024 // 4, dtype=np.float32)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)  # warm-up: fault in the destination pages
-    best = float("inf")
-    for _ in progress(range(repeats), "copy bandwidth"):
+class Copy:
+    """np.copyto over COPY_MB of float32: bytes read + written per second."""
+
+    name, threads = "copy bandwidth (np.copyto)", 1
+
+    def __init__(self):
+        self.src = np.ones(COPY_MB * 1024 * 1024 // 4, dtype=np.float32)
+        self.dst = np.empty_like(self.src)
+
+    def run(self) -> float:
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            np.copyto(self.dst, self.src)
+            best = min(best, time.perf_counter() - t0)
+        return 2 * self.src.nbytes / best
+
+
+class Minipipe:
+    def __init__(self, model, prompt: list[int], n_tokens: int, threads: int):
+        self.model, self.prompt, self.n_tokens, self.threads = model, prompt, n_tokens, threads
+        self.name = "minipipe (NumPy, row-gemv)" + (f", --threads {threads}" if threads > 1 else "")
+        self.tokens = None
+
+    def run(self) -> float:
+        kernels.set_gemv_threads(self.threads)
+        try:
+            gen = generate_greedy(self.model, self.prompt, self.n_tokens)  # eos_ids=(): exactly n_tokens
+        finally:
+            kernels.set_gemv_threads(1)
+        self.tokens = gen.tokens
+        return gen.metrics.to_dict()["decode_tokens_per_s"]
+
+
+class Transformers:
+    def __init__(self, model, prompt: list[int], n_tokens: int, threads: int, version: str):
+        import torch
+
+        self.torch, self.model, self.n_tokens, self.threads = torch, model, n_tokens, threads
+        self.ids = torch.tensor([prompt], dtype=torch.long)
+        self.name = f"transformers {version} fp32 eager"
+        self.tokens = None
+
+    def _timed(self, n: int) -> float:
+        torch = self.torch
         t0 = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t0)
-    return {"array_mb": mb, "repeats": repeats, "best_s": best,
-            "bytes_per_s": 2 * src.nbytes / best, "convention": "read + write bytes (STREAM copy)"}
+        with torch.no_grad():
+            # explicit mask: generate() would otherwise mask prompt ids equal to pad_token_id
+            out = self.model.generate(self.ids, attention_mask=torch.ones_like(self.ids), do_sample=False,
+                                      max_new_tokens=n, eos_token_id=None, pad_token_id=0)
+        dt = time.perf_counter() - t0
+        assert out.shape[1] == self.ids.shape[1] + n, "transformers stopped early"
+        if n == self.n_tokens:
+            self.tokens = out[0, self.ids.shape[1]:].tolist()
+        return dt
+
+    def run(self) -> float:
+        self.torch.set_num_threads(self.threads)
+        t_n, t_1 = self._timed(self.n_tokens), self._timed(1)
+        return (self.n_tokens - 1) / (t_n - t_1) if t_n > t_1 else float("nan")
 
 
-def bench_minipipe(model, prompt: list[int], n_tokens: int, repeats: int) -> dict:
-    generate_greedy(model, prompt, min(n_tokens, 4))  # warm-up
-    rates, tokens = [], None
-    for _ in progress(range(repeats), "minipipe greedy", unit="run"):
-        gen = generate_greedy(model, prompt, n_tokens)  # eos_ids=(): exactly n_tokens
-        rates.append(gen.metrics.to_dict()["decode_tokens_per_s"])
-        tokens = gen.tokens
-    return {"decode_tokens_per_s": max(rates), "runs": rates, "blas_threads": blas.get_threads(),
-            "tokens": tokens}
-
-
-def bench_transformers(model_dir: Path, prompt: list[int], n_tokens: int, repeats: int, threads: list[int]) -> list[dict]:
+def load_transformers(model_dir: Path):
     import torch
     import transformers
 
@@ -108,30 +150,29 @@ def bench_transformers(model_dir: Path, prompt: list[int], n_tokens: int, repeat
                                                           **{dtype_kw: torch.float32})
     model.eval()
     model.generation_config.eos_token_id = None
-    ids = torch.tensor([prompt], dtype=torch.long)
+    return model, transformers.__version__
 
-    def timed(n: int) -> tuple[float, list[int]]:
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            # explicit mask: generate() would otherwise mask prompt ids equal to pad_token_id
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0)
-        dt = time.perf_counter() - t0
-        assert out.shape[1] == len(prompt) + n, "transformers stopped early"
-        return dt, out[0, len(prompt):].tolist()
 
-    results = []
-    for n_threads in threads:
-        torch.set_num_threads(n_threads)
-        timed(min(n_tokens, 4))  # warm-up
-        t_n, t_1, tokens = float("inf"), float("inf"), None
-        for _ in progress(range(repeats), f"transformers, {n_threads} thread(s)", unit="run"):
-            dt, tokens = timed(n_tokens)
-            t_n = min(t_n, dt)
-            t_1 = min(t_1, timed(1)[0])
-        results.append({"threads": n_threads, "t_n_tokens_s": t_n, "t_1_token_s": t_1,
-                        "decode_tokens_per_s": (n_tokens - 1) / (t_n - t_1) if t_n > t_1 else None,
-                        "tokens": tokens})
-    return results
+def median(xs):
+    xs = [x for x in xs if x == x]  # drop NaN
+    return statistics.median(xs) if xs else float("nan")
+
+
+def run_rounds(rows: list, copy: Copy, rounds: int) -> tuple[list[float], dict]:
+    """Warm up every row, then `rounds` rounds of copy + every row, the order rotating."""
+    for row in progress(rows, "warm-up", unit="row"):
+        row.run()
+    copy.run()
+    bandwidths, rates = [], {id(r): [] for r in rows}
+    for k in progress(range(rounds), "rounds", unit="round"):
+        order = [copy] + rows
+        order = order[k % len(order):] + order[: k % len(order)]
+        for row in order:
+            if row is copy:
+                bandwidths.append(copy.run())
+            else:
+                rates[id(row)].append(row.run())
+    return bandwidths, rates
 
 
 def fmt_bytes(n: float) -> str:
@@ -142,47 +183,37 @@ def fmt_bytes(n: float) -> str:
 
 
 def render(r: dict) -> str:
-    bw, bound = r["copy_bandwidth"], r["bound_tokens_per_s"]
+    bw = r["copy_bytes_per_s"]
     lines = [
         f"model      {r['model']}  ({r['model_desc']})",
         f"run        prompt {r['n_prompt_tokens']} tokens, {r['n_tokens']} new tokens (eos ignored), "
-        f"best of {r['repeats']}; {r['machine']}",
+        f"{r['rounds']} interleaved rounds, medians; {r['machine']}",
         f"weights    {fmt_bytes(r['weight_bytes_per_token'])} read per decode token "
         "(StageWeights.n_bytes: layers + final norm + head, float32; KV cache not counted)",
-        f"bandwidth  {bw['bytes_per_s'] / 1e9:.1f} GB/s: np.copyto of {bw['array_mb']} MB float32, "
-        f"{bw['convention']}, best of {bw['repeats']}",
-        f"bound      {bound:,.0f} tok/s = bandwidth / weight bytes per token",
+        f"bandwidth  {median(bw) / 1e9:.1f} GB/s (rounds {min(bw) / 1e9:.1f}-{max(bw) / 1e9:.1f}): np.copyto of "
+        f"{COPY_MB} MB float32, read + write bytes, one thread",
+        f"bound      {median(r['bound_tokens_per_s']):,.1f} tok/s = bandwidth / weight bytes per token",
     ]
     if r["weights_fit_in_cache"]:
         lines.append(f"note       the weights fit in the {r['last_level_cache_bytes'] / 2 ** 20:.0f} MiB last-level cache: "
                      "decode is not DRAM-bound and the bound is only nominal")
-    rows = [("engine", "threads", "decode tok/s", "% of bound", "minipipe / this")]
-    mp = r["minipipe"]["decode_tokens_per_s"]
-    rows.append(("minipipe (NumPy, row-gemv kernels)", f"{r['minipipe']['blas_threads']} (BLAS)",
-                 f"{mp:,.1f}", f"{100 * mp / bound:.1f}%", "1.00"))
-    if r.get("minipipe_all_threads"):
-        m2 = r["minipipe_all_threads"]
-        rows.append(("minipipe --threads (decode GEMVs)", f"{m2['blas_threads']} (BLAS)",
-                     f"{m2['decode_tokens_per_s']:,.1f}", f"{100 * m2['decode_tokens_per_s'] / bound:.1f}%",
-                     f"{mp / m2['decode_tokens_per_s']:.2f}"))
-    for h in r.get("transformers") or []:
-        rate = h["decode_tokens_per_s"]
-        rows.append((f"transformers {r['transformers_version']} fp32 eager", f"{h['threads']} (torch)",
-                     "n/a" if rate is None else f"{rate:,.1f}",
-                     "n/a" if rate is None else f"{100 * rate / bound:.1f}%",
-                     "n/a" if not rate else f"{mp / rate:.2f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    table = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in rows]
-    table.insert(1, "  ".join("-" * w for w in widths))
+    table = [("engine", "threads", "decode tok/s", "rounds min-max", "% of bound", "minipipe / this")]
+    for row in r["rows"]:
+        rates = row["decode_tokens_per_s"]
+        ratio = row.get("minipipe_over_this")
+        table.append((row["engine"], str(row["threads"]), f"{row['median']:,.1f}",
+                      f"{min(rates):,.1f}-{max(rates):,.1f}", f"{100 * row['fraction_of_bound']:.0f}%",
+                      "" if ratio is None else f"{ratio:.2f}"))
+    widths = [max(len(t[i]) for t in table) for i in range(len(table[0]))]
+    out = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(t, widths)))
+           for t in table]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    out.append("(minipipe / this: per-round ratio of minipipe with the same thread count to the row, median)")
     if r.get("transformers_skipped"):
-        table.append(f"(transformers not measured: {r['transformers_skipped']})")
-    if r.get("tokens_agree") is not None:
-        table.append(f"greedy ids identical in minipipe and transformers: {r['tokens_agree']}")
-    if r.get("minipipe_all_threads"):
-        table.append(f"greedy ids identical with 1 and {r['minipipe_all_threads']['blas_threads']} BLAS threads: "
-                     f"{r['minipipe_all_threads']['same_tokens']}")
-    return "\n".join(lines + [""] + table)
+        out.append(f"(transformers not measured: {r['transformers_skipped']})")
+    for note in r["agreement"]:
+        out.append(note)
+    return "\n".join(lines + [""] + out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,27 +223,30 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--model", help="checkpoint directory or model name (default: the shipped tinybard)")
     src.add_argument("--random-smollm", action="store_true",
                      help="benchmark a random checkpoint with SmolLM2-135M sizes, written to a temp directory")
-    p.add_argument("--tokens", type=int, default=32, help="new tokens per run (default 32)")
-    p.add_argument("--prompt", default="Once upon a time", help="prompt text (default 'Once upon a time')")
-    p.add_argument("--repeats", type=int, default=3, help="runs per measurement; the best counts (default 3)")
+    p.add_argument("--tokens", type=int, default=128, help="new tokens per run (default 128)")
+    p.add_argument("--prompt", default="Once upon a time, in a small village by the sea,",
+                   help="prompt text (default: the llama.cpp comparison's)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; figures are medians (default 5)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="GEMV threads of the second minipipe row (and of transformers' second row); "
+                        "default: every CPU; 1: no second row")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
     if args.tokens < 2:
         p.error("--tokens must be >= 2 (the decode rate needs two tokens)")
+    if args.rounds < 1 or args.threads < 1:
+        p.error("--rounds and --threads must be >= 1")
 
-    # Read torch's default thread count before anything sets it.
-    hf_threads, skipped = [], None
-    if not args.no_transformers:
-        try:
-            import torch
-            import transformers  # noqa: F401
-            default_threads = torch.get_num_threads()
-            hf_threads = sorted({1, default_threads})
-        except ImportError as e:
-            skipped = f"{e.name} is not installed"
-    else:
+    skipped = None
+    if args.no_transformers:
         skipped = "--no-transformers"
+    else:
+        try:
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError as e:
+            skipped = f"{e.name} is not installed (pip install -e '.[hf]')"
 
     with ExitStack() as stack:
         if args.random_smollm:
@@ -230,55 +264,54 @@ def main(argv: list[str] | None = None) -> int:
 
         print("loading minipipe ...", file=sys.stderr)
         model = load_stage(model_dir, progress=True)
-        n_bytes = model.weights.n_bytes
-        bandwidth = measure_copy_bandwidth()
-        bound = bandwidth["bytes_per_s"] / n_bytes
-        mp = bench_minipipe(model, prompt, args.tokens, args.repeats)
-        mp_all = None
-        if (os.cpu_count() or 1) > 1 and blas.info().controllable:  # `generate --threads N`: decode GEMVs on every core
-            blas.set_threads(os.cpu_count())
-            try:
-                mp_all = bench_minipipe(model, prompt, args.tokens, args.repeats)
-            finally:
-                blas.set_threads(1)
-            mp_all["same_tokens"] = mp_all["tokens"] == mp["tokens"]
-        del model
-
-        hf_results = None
-        if hf_threads:
+        thread_counts = [1] + ([args.threads] if args.threads > 1 else [])
+        rows = [Minipipe(model, prompt, args.tokens, t) for t in thread_counts]
+        version = None
+        if skipped is None:
             print("loading transformers ...", file=sys.stderr)
-            hf_results = bench_transformers(model_dir, prompt, args.tokens, args.repeats, hf_threads)
+            hf_model, version = load_transformers(model_dir)
+            rows += [Transformers(hf_model, prompt, args.tokens, t, version) for t in thread_counts]
+        copy = Copy()
+        bandwidths, rates = run_rounds(rows, copy, args.rounds)
 
+    n_bytes = model.weights.n_bytes
+    bounds = [bw / n_bytes for bw in bandwidths]
+    mp = {row.threads: row for row in rows if isinstance(row, Minipipe)}
+    report_rows = []
+    for row in rows:
+        rs = rates[id(row)]
+        entry = {"engine": row.name, "threads": row.threads, "decode_tokens_per_s": rs, "median": median(rs),
+                 "fraction_of_bound": median([x / b for x, b in zip(rs, bounds)])}
+        if row is not mp[row.threads]:
+            entry["minipipe_over_this"] = median([m / x for m, x in zip(rates[id(mp[row.threads])], rs)])
+        report_rows.append(entry)
+    agreement = []
+    one = mp[1].tokens
+    for row in rows:
+        if row is not mp[1]:
+            agreement.append(f"greedy ids identical to minipipe on one thread: {row.name}, {row.threads} "
+                             f"thread(s): {row.tokens == one}")
     llc = last_level_cache_bytes()
     c = config
     report = {
         "model": model_name,
         "model_desc": f"{c.n_layers} layers, dim {c.dim}, ffn {c.ffn_dim}, {c.n_heads}/{c.n_kv_heads} heads, "
                       f"vocab {c.vocab_size}, {'tied' if c.tie_embeddings else 'untied'} head",
-        "machine": f"{cpu_name()}, {os.cpu_count()} CPUs",
+        "machine": f"{cpu_name()}, {os.cpu_count()} CPUs, {blas.info().name.split(' ')[0]} "
+                   f"{blas.info().name.split(' ')[1] if ' ' in blas.info().name else ''}".rstrip(),
         "n_prompt_tokens": len(prompt),
         "n_tokens": args.tokens,
-        "repeats": args.repeats,
+        "rounds": args.rounds,
         "weight_bytes_per_token": n_bytes,
-        "copy_bandwidth": bandwidth,
-        "bound_tokens_per_s": bound,
+        "copy_bytes_per_s": bandwidths,
+        "bound_tokens_per_s": bounds,
         "last_level_cache_bytes": llc,
         "weights_fit_in_cache": llc is not None and n_bytes <= llc,
-        "minipipe": mp,
-        "minipipe_all_threads": mp_all,
-        "minipipe_fraction_of_bound": mp["decode_tokens_per_s"] / bound,
-        "transformers": hf_results,
+        "rows": report_rows,
+        "transformers_version": version,
         "transformers_skipped": skipped,
-        "tokens_agree": None,
+        "agreement": agreement,
     }
-    if hf_results:
-        import transformers
-
-        report["transformers_version"] = transformers.__version__
-        report["tokens_agree"] = all(h["tokens"] == mp["tokens"] for h in hf_results)
-        for h in hf_results:
-            rate = h["decode_tokens_per_s"]
-            h["minipipe_over_transformers"] = mp["decode_tokens_per_s"] / rate if rate else None
     print(json.dumps(report, indent=2) if args.json else render(report))
     return 0
 

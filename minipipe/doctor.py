@@ -143,7 +143,8 @@ def check_gemv_threads(rng: np.random.Generator, shapes, thread_counts) -> tuple
     """(minipipe's split GEMVs equal one thread everywhere, OpenBLAS-threaded GEMVs that
     differed, cases) over `shapes` (IN, OUT) and `thread_counts`."""
     ok, blas_differs, cases = True, 0, 0
-    before = kernels.gemv_threads()
+    before, min_bytes = kernels.gemv_threads(), kernels.SPLIT_MIN_BYTES
+    kernels.SPLIT_MIN_BYTES = 1  # split every GEMV, even those too small to be split in practice
     try:
         for n_in, n_out in sorted(shapes):
             w = kernels.linear_weight([rng.standard_normal((n_out, n_in)).astype(np.float32)])
@@ -168,6 +169,7 @@ def check_gemv_threads(rng: np.random.Generator, shapes, thread_counts) -> tuple
                     blas_differs += not np.array_equal(theirs, mine)
                 cases += 1
     finally:
+        kernels.SPLIT_MIN_BYTES = min_bytes
         kernels.set_gemv_threads(before)
     return ok, blas_differs, cases
 

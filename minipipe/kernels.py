@@ -57,6 +57,9 @@ Shapes use the glossary in `minipipe.config`.
 
 from __future__ import annotations
 
+import math
+import threading
+
 import numpy as np
 
 from . import blas  # noqa: F401  (importing it pins BLAS to one thread)
@@ -88,7 +91,7 @@ COLUMN_BLOCK = LANE  # threads split a GEMV's output columns at multiples of thi
 def aligned_empty(shape, dtype=f32) -> np.ndarray:
     """An uninitialised C-contiguous array whose data starts on a 64-byte boundary."""
     dtype = np.dtype(dtype)
-    n_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    n_bytes = math.prod((shape,) if isinstance(shape, int) else shape) * dtype.itemsize
     raw = np.empty(n_bytes + ALIGN_BYTES, dtype=np.uint8)
     start = -raw.ctypes.data % ALIGN_BYTES
     return raw[start: start + n_bytes].view(dtype).reshape(shape)
@@ -127,14 +130,37 @@ def padded_width(n_cols: int) -> int:
     return -(-n_cols // LANE) * LANE
 
 
-def linear_weight(parts: list[np.ndarray]) -> np.ndarray:
+class WeightArena:
+    """One aligned allocation holding many linear weights, handed out in order as row slots.
+
+    A stage's weights lie in the order a decode step reads them, in one allocation big enough
+    for NumPy to ask the kernel for transparent huge pages (fewer TLB misses while streaming
+    them: a few percent of GEMV time here). Pages are touched only when a weight is written.
+    """
+
+    def __init__(self, shapes: list[tuple[int, int]]):
+        self._buf = aligned_empty(max(1, sum(n_in * padded_width(n_out) for n_in, n_out in shapes)))  # float32
+        self._used = 0
+
+    def row_slots(self, n_in: int, n_out: int) -> np.ndarray:
+        """The next [n_in, n_out] row slots (each matrix starts 64-byte aligned: widths are
+        multiples of 16 floats)."""
+        width = padded_width(n_out)
+        view = self._buf[self._used: self._used + n_in * width]
+        assert view.shape[0] == n_in * width, "the arena was sized for other shapes"
+        self._used += n_in * width
+        return view.reshape(n_in, width)[:, :n_out]
+
+
+def linear_weight(parts: list[np.ndarray], arena: WeightArena | None = None) -> np.ndarray:
     """The canonical weight of a linear layer from checkpoint matrices [OUT_i, IN] stacked along
     OUT (one part, or q/k/v, or gate/up): transposed into [IN, OUT] row slots, so that a decode
     row is `x @ W` with every weight row contiguous and 64-byte aligned, and each row's padding
-    (up to a multiple of 16 columns) zero.  -> [IN, sum OUT_i]"""
+    (up to a multiple of 16 columns) zero. In the next slots of `arena` when given.
+    -> [IN, sum OUT_i]"""
     n_in = parts[0].shape[1]
     n_out = sum(p.shape[0] for p in parts)
-    w = row_slots(n_in, n_out)  # [IN, OUT]
+    w = row_slots(n_in, n_out) if arena is None else arena.row_slots(n_in, n_out)  # [IN, OUT]
     _padded(w)[:, n_out:] = 0
     col = 0
     for p in parts:
@@ -161,10 +187,14 @@ def _padded(a: np.ndarray) -> np.ndarray:
 # linear layers
 
 
-def column_chunks(n_out: int, n_threads: int) -> list[tuple[int, int]]:
+SPLIT_MIN_BYTES = 256 * 1024  # a GEMV is split only into column ranges of at least this much weight
+CALLER_SHARE = 1.25  # the calling thread's range, relative to a worker's (workers start late: a wake-up)
+
+
+def column_chunks(n_in: int, n_out: int, n_threads: int) -> list[tuple[int, int]]:
     """How a GEMV's columns are split over `n_threads` threads: [start, end) ranges of the padded
     width (`padded_width(n_out)`), with boundaries at multiples of COLUMN_BLOCK (16 floats, 64
-    bytes), as even as that allows.
+    bytes). The first range is the calling thread's.
 
     Every decode GEMV runs on the padded width, a multiple of 16 columns (the padding columns
     of the weight are zero and their outputs are dropped). On that width a column's bits do not
@@ -174,11 +204,22 @@ def column_chunks(n_out: int, n_threads: int) -> list[tuple[int, int]]:
     they do change (the kernel treats the tail differently), and OpenBLAS's own threads split
     at other places (960 columns on 8 threads: every 120) where they change too, so minipipe
     never lets OpenBLAS thread a GEMV: its own threads each run a one-thread GEMV on a range.
+
+    Since the bits do not depend on the split, the split is free to follow speed: a small GEMV
+    is not split (ranges under SPLIT_MIN_BYTES of weight cost more to hand over than they save)
+    and the caller's range is CALLER_SHARE times a worker's.
     """
     blocks = padded_width(n_out) // COLUMN_BLOCK
-    n = max(1, min(n_threads, blocks))
-    bounds = [blocks * k // n * COLUMN_BLOCK for k in range(n + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
+    n = max(1, min(n_threads, blocks, n_in * padded_width(n_out) * 4 // SPLIT_MIN_BYTES))
+    if n == 1:
+        return [(0, blocks * COLUMN_BLOCK)]
+    weights = [CALLER_SHARE] + [1.0] * (n - 1)
+    total, acc, bounds = sum(weights), 0.0, [0]
+    for w in weights[:-1]:
+        acc += w
+        bounds.append(min(blocks - 1, max(bounds[-1] + 1, round(blocks * acc / total))))
+    bounds.append(blocks)
+    return [(a * COLUMN_BLOCK, b * COLUMN_BLOCK) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
 class _Gemv:
@@ -211,11 +252,30 @@ def _gemv_rows(rows: np.ndarray, w: np.ndarray, out: np.ndarray, a: int, b: int)
         np.matmul(rows[i], wc, out=out[i, a:b])  # [IN] @ [IN, b - a] -> [b - a]
 
 
+def gemv_rows(rows: np.ndarray, w: np.ndarray, out: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+    """The decode GEMV on canonical operands: out[i] = rows[i] @ w (+ b) for every row.
+
+    rows: [T, IN] and out: [T, OUT] in row slots (`row_slots`); w: [IN, OUT] from
+    `linear_weight`. The caller guarantees the layouts (`linear_rows` checks and copies).
+    Runs on the padded width, split over the GEMV threads by `column_chunks`.  -> out
+    """
+    wp, outp = _padded(w), _padded(out)  # [IN, OUT'], [T, OUT']: OUT' a multiple of 16
+    team = _Gemv.team
+    if team is None:
+        for i in range(rows.shape[0]):
+            np.matmul(rows[i], wp, out=outp[i])  # [IN] @ [IN, OUT'] -> [OUT']
+    else:
+        team.run(_gemv_rows, (rows, wp, outp), column_chunks(w.shape[0], w.shape[1], team.n_threads))
+    if b is not None:
+        out += b
+    return out
+
+
 def linear_rows(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
     """Batch-invariant linear layer: one GEMV per row, each row in its own aligned slot.
 
     x: [T, IN]; w: [IN, OUT] from `linear_weight`.
-    -> [T, OUT] (a view of aligned row slots: contiguous rows, padded between them)
+    -> [T, OUT] (a fresh view of aligned row slots: contiguous rows, padded between them)
 
     The GEMV runs on the padded width (a multiple of 16 columns; see `column_chunks`). With
     `set_gemv_threads(n)` each row's GEMV is split into the column ranges of `column_chunks`,
@@ -229,18 +289,7 @@ def linear_rows(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np
     else:
         rows = row_slots(T, n_in)  # [T, IN]
         rows[...] = x
-    n_out = w.shape[1]
-    out = row_slots(T, n_out)  # [T, OUT]
-    wp, outp = _padded(w), _padded(out)  # [IN, OUT'], [T, OUT']: OUT' a multiple of 16
-    team = _Gemv.team
-    if team is None:
-        for i in range(T):
-            np.matmul(rows[i], wp, out=outp[i])  # [IN] @ [IN, OUT'] -> [OUT']
-    else:
-        team.run(_gemv_rows, (rows, wp, outp), column_chunks(n_out, team.n_threads))
-    if b is not None:
-        out += b
-    return out
+    return gemv_rows(rows, w, row_slots(T, w.shape[1]), b)  # [T, OUT]
 
 
 def linear_prefill(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
@@ -262,18 +311,27 @@ def linear_prefill(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) ->
 # elementwise and last-axis ops
 
 
-def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-    """RMSNorm in float32: x / sqrt(mean(x², last axis) + eps) · w.  [T, D] -> [T, D]"""
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray | None = None) -> np.ndarray:
+    """RMSNorm in float32: x / sqrt(mean(x², last axis) + eps) · w.  [T, D] -> [T, D] (into `out`)"""
     variance = np.add.reduce(x * x, axis=-1, keepdims=True) / f32(x.shape[-1])  # [T, 1]  (np.mean, minus its overhead)
-    return x * (f32(1.0) / np.sqrt(variance + f32(eps))) * w  # [T, D]
+    out = np.multiply(x, f32(1.0) / np.sqrt(variance + f32(eps)), out=out)  # [T, D]
+    return np.multiply(out, w, out=out)  # [T, D]
 
 
-def swiglu(gate_up: np.ndarray) -> np.ndarray:
-    """SwiGLU [arxiv/2002.05202, eq. 5]: silu(gate) · up, with silu(g) = g · sigmoid(g).  [T, 2F] -> [T, F]"""
+def swiglu(gate_up: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """SwiGLU [arxiv/2002.05202, eq. 5]: silu(gate) · up, with silu(g) = g · sigmoid(g).  [T, 2F] -> [T, F]
+
+    Computed as gate / (1 + exp(-gate)) · up, into `out` when given (not overlapping gate_up).
+    """
     F = gate_up.shape[-1] // 2
     gate, up = gate_up[:, :F], gate_up[:, F:]  # [T, F], [T, F]
+    t = np.negative(gate, out=out)  # [T, F]
     with np.errstate(over="ignore"):  # exp(-g) overflows to inf for g << 0, giving silu = -0
-        return gate / (f32(1.0) + np.exp(-gate)) * up  # [T, F]
+        np.exp(t, out=t)
+    t += f32(1.0)
+    np.divide(gate, t, out=t)
+    t *= up
+    return t
 
 
 def softmax(scores: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -343,24 +401,75 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, out: np.nd
 
     q: [KVH, G, HD] (the query's heads, grouped by the KV head they read)
     k, v: [KVH, N, HD] (the N visible cells)
-    out: [KVH, G, HD], canonical, where to write the result (a fresh array by default)
+    out: [KVH, G, HD], where to write the result (a fresh array by default)
     returns [KVH, G, HD]
 
     Both products run on canonical operands (see the module docstring), so the bits depend on
     the values and the shapes only.
     """
     KVH, G, HD = q.shape
-    N = k.shape[1]
-    q, k, v = canonical(q), canonical(k), canonical(v)
-    scores = aligned_empty((KVH, G, N))
-    np.matmul(q, k.transpose(0, 2, 1), out=scores)  # [KVH, G, HD] @ [KVH, HD, N] -> [KVH, G, N]
-    scores *= f32(scale)
-    probs = softmax(scores, out=scores)  # [KVH, G, N], in place: still canonical
     dest = out if out is not None and is_canonical(out) else aligned_empty((KVH, G, HD))
-    np.matmul(probs, v, out=dest)  # [KVH, G, N] @ [KVH, N, HD] -> [KVH, G, HD]
+    attend_canonical(canonical(q), canonical(k), canonical(v), scale, dest)
     if out is not None and dest is not out:
         out[...] = dest
     return dest if out is None else out
+
+
+def attend_canonical(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, out: np.ndarray) -> np.ndarray:
+    """`attend` on operands the caller guarantees canonical (q, out: [KVH, G, HD]; k, v:
+    [KVH, N, HD]). The scores live in a reused per-thread buffer.  -> out"""
+    KVH, G, _ = q.shape
+    N = k.shape[1]
+    scores = scratch().flat("attention scores", KVH * G * N)[: KVH * G * N].reshape(KVH, G, N)  # canonical
+    np.matmul(q, k.transpose(0, 2, 1), out=scores)  # [KVH, G, HD] @ [KVH, HD, N] -> [KVH, G, N]
+    scores *= f32(scale)
+    probs = softmax(scores, out=scores)  # [KVH, G, N], in place: still canonical
+    np.matmul(probs, v, out=out)  # [KVH, G, N] @ [KVH, N, HD] -> [KVH, G, HD]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# reused buffers
+
+
+class Scratch:
+    """Aligned buffers reused from one forward step to the next (no allocation on the hot path).
+
+    `rows(name, T, n)`: [T, n] row slots; `flat(name, size)`: a 1-D aligned float32 array of at
+    least `size` elements. A buffer's layout depends only on the requested shape (rows: padded
+    to 16 floats, every row 64-byte aligned), the canonical layout; buffers grow when asked for
+    more, never shrink. A buffer is valid until the next request of the same name and width:
+    callers use them within one layer and never hand them out.
+    """
+
+    def __init__(self):
+        self._rows: dict = {}
+        self._flat: dict = {}
+
+    def rows(self, name: str, n_rows: int, n_cols: int) -> np.ndarray:
+        buf = self._rows.get((name, n_cols))
+        if buf is None or buf.shape[0] < n_rows:
+            buf = row_slots(max(n_rows, 2 * (0 if buf is None else buf.shape[0]), 4), n_cols)
+            self._rows[(name, n_cols)] = buf
+        return buf[:n_rows]
+
+    def flat(self, name: str, size: int) -> np.ndarray:
+        buf = self._flat.get(name)
+        if buf is None or buf.shape[0] < size:
+            buf = aligned_empty(max(size, 2 * (0 if buf is None else buf.shape[0]), 1024))
+            self._flat[name] = buf
+        return buf
+
+
+_local = threading.local()
+
+
+def scratch() -> Scratch:
+    """This thread's reused buffers."""
+    s = getattr(_local, "scratch", None)
+    if s is None:
+        s = _local.scratch = Scratch()
+    return s
 
 
 def argmax_rows(logits: np.ndarray) -> np.ndarray:

@@ -113,11 +113,15 @@ class StageModel:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Final norm and LM head, one GEMV per row.  [T, D] -> [T, V]"""
-        h = kernels.rms_norm(x, self.weights.final_norm, self.config.norm_eps)  # [T, D]
-        return kernels.linear_rows(h, self.weights.head)  # [T, D] @ [D, V] -> [T, V]
+        T, D = x.shape
+        h = kernels.rms_norm(x, self.weights.final_norm, self.config.norm_eps,
+                             out=kernels.scratch().rows("final norm", T, D))  # [T, D], row slots
+        return kernels.linear_rows(h, self.weights.head)  # [T, D] @ [D, V] -> [T, V] (fresh: it leaves)
 
     def _decoder_layer(self, lw: LayerWeights, x: np.ndarray, cache: KVCache, layer: int, cells: np.ndarray,
                        visible: list, cos: np.ndarray, sin: np.ndarray, linear) -> np.ndarray:
+        if linear is kernels.linear_rows:
+            return self._decode_layer(lw, x, cache, layer, cells, visible, cos, sin)
         c = self.config
         T = x.shape[0]
         H, KVH, G, HD = c.n_heads, c.n_kv_heads, c.n_groups, c.head_dim
@@ -125,7 +129,6 @@ class StageModel:
         # attention block
         h = kernels.rms_norm(x, lw.attn_norm, c.norm_eps)  # [T, D]
         qkv = linear(h, lw.wqkv, lw.bqkv)  # [T, D] @ [D, (H + 2·KVH)·HD] -> [T, (H + 2·KVH)·HD]
-        # q and k rotated in one pass, into aligned row slots: each row's q heads start a slot
         qk = kernels.row_slots(T, (H + KVH) * HD).reshape(T, H + KVH, HD)  # [T, H + KVH, HD]
         kernels.apply_rope(qkv[:, : (H + KVH) * HD].reshape(T, H + KVH, HD), cos, sin, out=qk)
         q, k = qk[:, :H], qk[:, H:]  # [T, H, HD], [T, KVH, HD]
@@ -141,6 +144,38 @@ class StageModel:
         h = kernels.rms_norm(x, lw.mlp_norm, c.norm_eps)  # [T, D]
         gate_up = linear(h, lw.w_gate_up, lw.b_gate_up)  # [T, D] @ [D, 2F] -> [T, 2F]
         return x + linear(kernels.swiglu(gate_up), lw.w_down, lw.b_down)  # [T, F] @ [F, D] -> [T, D]
+
+    def _decode_layer(self, lw: LayerWeights, x: np.ndarray, cache: KVCache, layer: int, cells: np.ndarray,
+                      visible: list, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """One layer for decode rows: the arithmetic of the prefill path (the same ops in the same
+        order), with one GEMV per row (`kernels.gemv_rows`) and every intermediate in reused,
+        canonical row slots (`kernels.scratch`); only the returned hidden states are fresh."""
+        c = self.config
+        T, D = x.shape
+        H, KVH, G, HD = c.n_heads, c.n_kv_heads, c.n_groups, c.head_dim
+        QK = (H + KVH) * HD
+        ws = kernels.scratch()
+
+        # attention block
+        h = kernels.rms_norm(x, lw.attn_norm, c.norm_eps, out=ws.rows("norm", T, D))  # [T, D]
+        qkv = kernels.gemv_rows(h, lw.wqkv, ws.rows("qkv", T, QK + KVH * HD), lw.bqkv)  # [T, (H + 2·KVH)·HD]
+        qk = ws.rows("qk", T, QK).reshape(T, H + KVH, HD)  # [T, H + KVH, HD]: each row's q starts a slot
+        kernels.apply_rope(qkv[:, :QK].reshape(T, H + KVH, HD), cos, sin, out=qk)
+        q, k = qk[:, :H], qk[:, H:]  # [T, H, HD], [T, KVH, HD]
+        cache.write(layer, cells, k, qkv[:, QK:].reshape(T, KVH, HD))  # v: [T, KVH, HD]
+        attn = ws.rows("attention", T, H * HD)  # [T, H·HD]
+        for i in range(T):  # one query at a time, over exactly its visible cells
+            keys, values = cache.gather(layer, visible[i])  # [KVH, N, HD] each, canonical copies
+            kernels.attend_canonical(q[i].reshape(KVH, G, HD), kernels.canonical(keys), kernels.canonical(values),
+                                     self.scale, attn[i].reshape(KVH, G, HD))
+        x = x + kernels.gemv_rows(attn, lw.wo, ws.rows("o", T, D), lw.bo)  # [T, H·HD] @ [H·HD, D] -> [T, D]
+
+        # MLP block
+        h = kernels.rms_norm(x, lw.mlp_norm, c.norm_eps, out=h)  # [T, D]
+        F = lw.w_down.shape[0]
+        gate_up = kernels.gemv_rows(h, lw.w_gate_up, ws.rows("gate_up", T, 2 * F), lw.b_gate_up)  # [T, 2F]
+        act = kernels.swiglu(gate_up, out=ws.rows("act", T, F))  # [T, F]
+        return x + kernels.gemv_rows(act, lw.w_down, ws.rows("down", T, D), lw.b_down)  # [T, F] @ [F, D] -> [T, D]
 
 
 @dataclass

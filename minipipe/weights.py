@@ -353,13 +353,22 @@ def load_stage_weights(checkpoint: Checkpoint, config: ModelConfig, lo: int = 0,
         return checkpoint.tensor(name, shape)
 
     def bias(name, rows, enabled):
-        return get(name, (rows,)) if enabled else None
+        return vector(name, (rows,)) if enabled else None
 
     layer_ids = range(lo, hi)
     if progress:
         from tqdm import tqdm
         layer_ids = tqdm(layer_ids, desc="loading layers", unit="layer", leave=False)
-    linear = kernels.linear_weight  # checkpoint [OUT, IN] matrices -> one [IN, OUT] row-slot weight
+    # every linear weight of the stage in one allocation, in the order a decode step reads them
+    shapes = [(D, q_rows + 2 * kv_rows), (q_rows, D), (D, 2 * F), (F, D)] * (hi - lo) + ([(D, V)] if with_head else [])
+    arena = kernels.WeightArena(shapes)
+
+    def linear(parts):  # checkpoint [OUT, IN] matrices -> one [IN, OUT] row-slot weight
+        return kernels.linear_weight(parts, arena)
+
+    def vector(name, shape):  # norms and biases: small, copied (no view keeps the file mapped)
+        return fused([get(name, shape)])
+
     layers = []
     for i in layer_ids:  # one layer at a time: the mapped pages of a layer are read once, then dropped
         p = f"model.layers.{i}."
@@ -373,14 +382,14 @@ def load_stage_weights(checkpoint: Checkpoint, config: ModelConfig, lo: int = 0,
         if c.mlp_bias:
             gate_up_bias = fused([bias(m + "gate_proj.bias", F, True), bias(m + "up_proj.bias", F, True)])
         layers.append(LayerWeights(
-            attn_norm=get(p + "input_layernorm.weight", (D,)),
+            attn_norm=vector(p + "input_layernorm.weight", (D,)),
             wqkv=linear([get(a + "q_proj.weight", (q_rows, D)),
                          get(a + "k_proj.weight", (kv_rows, D)),
                          get(a + "v_proj.weight", (kv_rows, D))]),
             bqkv=qkv_bias,
             wo=linear([get(a + "o_proj.weight", (D, q_rows))]),
             bo=bias(a + "o_proj.bias", D, c.attention_bias),
-            mlp_norm=get(p + "post_attention_layernorm.weight", (D,)),
+            mlp_norm=vector(p + "post_attention_layernorm.weight", (D,)),
             w_gate_up=linear([get(m + "gate_proj.weight", (F, D)), get(m + "up_proj.weight", (F, D))]),
             b_gate_up=gate_up_bias,
             w_down=linear([get(m + "down_proj.weight", (D, F))]),
@@ -400,6 +409,6 @@ def load_stage_weights(checkpoint: Checkpoint, config: ModelConfig, lo: int = 0,
     return StageWeights(
         config=c, lo=lo, hi=hi, layers=layers,
         embed=embed,
-        final_norm=get("model.norm.weight", (D,)) if with_head else None,
+        final_norm=vector("model.norm.weight", (D,)) if with_head else None,
         head=head,
     )

@@ -153,8 +153,21 @@ def test_gemv_bits_do_not_depend_on_threads_or_column_split(data):
         kernels._gemv_rows(rows, kernels._padded(w), kernels._padded(split), a, b)
     assert np.array_equal(split, expected), bounds
     threads = data.draw(st.sampled_from([2, 3, 5, 8]), label="threads")
+    min_bytes = kernels.SPLIT_MIN_BYTES
     try:
         kernels.set_gemv_threads(threads)
+        assert np.array_equal(kernels.linear_rows(x, w), expected)  # small GEMVs: not split
+        kernels.SPLIT_MIN_BYTES = 1  # split every GEMV, however small
         assert np.array_equal(kernels.linear_rows(x, w), expected)
     finally:
+        kernels.SPLIT_MIN_BYTES = min_bytes
         kernels.set_gemv_threads(1)
+
+
+def test_column_chunks_cover_the_padded_width_at_multiples_of_16():
+    for n_in, n_out, threads in ((576, 960, 2), (576, 49152, 16), (37, 131, 3), (1, 1, 4), (2048, 8192, 7)):
+        chunks = kernels.column_chunks(n_in, n_out, threads)
+        assert chunks[0][0] == 0 and chunks[-1][1] == kernels.padded_width(n_out)
+        assert all(a < b and a % 16 == 0 for a, b in chunks) and len(chunks) <= threads
+        assert all(b == a2 for (_, b), (a2, _) in zip(chunks, chunks[1:]))
+    assert len(kernels.column_chunks(576, 3072, 2)) == 2 and len(kernels.column_chunks(16, 16, 2)) == 1
