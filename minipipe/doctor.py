@@ -136,7 +136,7 @@ def linear_shapes(model: StageModel) -> set[tuple[int, int]]:
 
 
 def gemv_thread_counts() -> list[int]:
-    return sorted({2, 3, max(2, os.cpu_count() or 1)})
+    return sorted({2, 3, 4, 8, max(2, os.cpu_count() or 1)})
 
 
 def check_gemv_threads(rng: np.random.Generator, shapes, thread_counts) -> tuple[bool, int, int]:

@@ -57,6 +57,7 @@ Shapes use the glossary in `minipipe.config`.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import threading
 
@@ -88,18 +89,27 @@ LANE = ALIGN_BYTES // 4  # float32s per 64 bytes
 COLUMN_BLOCK = LANE  # threads split a GEMV's output columns at multiples of this (see `column_chunks`)
 
 
+def address(a: np.ndarray) -> int:
+    """The address of a's first byte (through ctypes' buffer view when it can: `a.ctypes.data`
+    costs a few microseconds, which add up on the decode path)."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(a))
+    except (TypeError, ValueError, BufferError):  # read-only, not contiguous, empty
+        return a.ctypes.data
+
+
 def aligned_empty(shape, dtype=f32) -> np.ndarray:
     """An uninitialised C-contiguous array whose data starts on a 64-byte boundary."""
     dtype = np.dtype(dtype)
     n_bytes = math.prod((shape,) if isinstance(shape, int) else shape) * dtype.itemsize
     raw = np.empty(n_bytes + ALIGN_BYTES, dtype=np.uint8)
-    start = -raw.ctypes.data % ALIGN_BYTES
+    start = -address(raw) % ALIGN_BYTES
     return raw[start: start + n_bytes].view(dtype).reshape(shape)
 
 
 def is_canonical(a: np.ndarray) -> bool:
     """C-contiguous float32 starting on a 64-byte boundary."""
-    return a.dtype == f32 and a.flags.c_contiguous and a.ctypes.data % ALIGN_BYTES == 0
+    return a.dtype == f32 and a.flags.c_contiguous and address(a) % ALIGN_BYTES == 0
 
 
 def canonical(a: np.ndarray) -> np.ndarray:
@@ -121,8 +131,9 @@ def row_slots(n_rows: int, n_cols: int) -> np.ndarray:
 def has_row_slots(a: np.ndarray) -> bool:
     """2-D float32 whose every row is contiguous and starts on a 64-byte boundary (the layout
     `row_slots` makes: GEMV rows, and the rows of a linear layer's [IN, OUT] weight)."""
-    return (a.ndim == 2 and a.dtype == f32 and a.ctypes.data % ALIGN_BYTES == 0
-            and (a.shape[1] <= 1 or a.strides[1] == 4) and (a.shape[0] <= 1 or a.strides[0] % ALIGN_BYTES == 0))
+    return (a.ndim == 2 and a.dtype == f32 and (a.shape[1] <= 1 or a.strides[1] == 4)
+            and (a.shape[0] <= 1 or a.strides[0] % ALIGN_BYTES == 0) and a.size > 0
+            and address(a[0]) % ALIGN_BYTES == 0)
 
 
 def padded_width(n_cols: int) -> int:
@@ -334,6 +345,18 @@ def swiglu(gate_up: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return t
 
 
+def rms_norm_rows(x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray) -> np.ndarray:
+    """`rms_norm` with the same IEEE float32 operations in the same order, per row: the
+    mean, the epsilon and the reciprocal on float32 scalars instead of [T, 1] arrays (fewer
+    NumPy calls for the few rows of a decode step; the square root is taken in float64 and
+    rounded, which gives the correctly rounded float32 root).  [T, D] -> out [T, D]"""
+    D, E, ONE = f32(x.shape[-1]), f32(eps), f32(1.0)
+    for i in range(x.shape[0]):
+        r = x[i]
+        np.multiply(r, ONE / f32(math.sqrt(np.add.reduce(r * r) / D + E)), out=out[i])
+    return np.multiply(out, w, out=out)
+
+
 def softmax(scores: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Softmax over the last axis, in float32.  [..., N] -> [..., N] (into `out` when given)"""
     e = np.subtract(scores, scores.max(axis=-1, keepdims=True), out=out)
@@ -392,6 +415,26 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, out: np.ndarray 
     return out
 
 
+def rope_tables(cos: np.ndarray, sin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of each row's angles laid out for `apply_rope_tables`: [c, c] and [-s, s].
+    [T, HD/2] each -> [T, 1, HD] each"""
+    return (np.concatenate([cos, cos], axis=-1)[:, None, :],
+            np.concatenate([np.negative(sin), sin], axis=-1)[:, None, :])
+
+
+def apply_rope_tables(x: np.ndarray, cos2: np.ndarray, sin2: np.ndarray, out: np.ndarray,
+                      tmp: np.ndarray) -> np.ndarray:
+    """`apply_rope` with fewer NumPy calls and the same bits: x·[c, c] + [x2, x1]·[-s, s]
+    (x1·c + x2·(-s) is x1·c - x2·s exactly: negation is exact and a - b is a + (-b)).
+    x, out, tmp: [T, heads, HD] (out and tmp not overlapping x); cos2, sin2 from `rope_tables`."""
+    half = x.shape[-1] // 2
+    np.concatenate([x[..., half:], x[..., :half]], axis=-1, out=tmp)  # [x2, x1]
+    tmp *= sin2
+    np.multiply(x, cos2, out=out)
+    out += tmp
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # attention
 
@@ -445,6 +488,16 @@ class Scratch:
     def __init__(self):
         self._rows: dict = {}
         self._flat: dict = {}
+        self._rope_key: tuple = (None, None)
+        self._rope: tuple = (None, None)
+
+    def rope(self, cos: np.ndarray, sin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`rope_tables(cos, sin)`, computed once per forward pass (while the same cos and sin
+        arrays come back, layer after layer) rather than once per layer."""
+        if self._rope_key[0] is not cos or self._rope_key[1] is not sin:
+            self._rope = rope_tables(cos, sin)
+            self._rope_key = (cos, sin)  # held, so the identity test cannot meet a recycled array
+        return self._rope
 
     def rows(self, name: str, n_rows: int, n_cols: int) -> np.ndarray:
         buf = self._rows.get((name, n_cols))

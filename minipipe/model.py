@@ -147,35 +147,38 @@ class StageModel:
 
     def _decode_layer(self, lw: LayerWeights, x: np.ndarray, cache: KVCache, layer: int, cells: np.ndarray,
                       visible: list, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        """One layer for decode rows: the arithmetic of the prefill path (the same ops in the same
-        order), with one GEMV per row (`kernels.gemv_rows`) and every intermediate in reused,
-        canonical row slots (`kernels.scratch`); only the returned hidden states are fresh."""
+        """One layer for decode rows: the arithmetic of the prefill path (the same float32
+        operations in the same order, so the same bits for the same inputs) with one GEMV per
+        row (`kernels.gemv_rows`), fewer NumPy calls (`rms_norm_rows`, `apply_rope_tables`) and
+        every intermediate in reused canonical row slots (`kernels.scratch`); only the returned
+        hidden states are a fresh array."""
         c = self.config
         T, D = x.shape
         H, KVH, G, HD = c.n_heads, c.n_kv_heads, c.n_groups, c.head_dim
-        QK = (H + KVH) * HD
+        QK, F = (H + KVH) * HD, c.ffn_dim
         ws = kernels.scratch()
+        h, qkv, qk, tmp, attn, o = (ws.rows("norm", T, D), ws.rows("qkv", T, QK + KVH * HD), ws.rows("qk", T, QK),
+                                    ws.rows("rope", T, QK), ws.rows("attention", T, H * HD), ws.rows("o", T, D))
 
         # attention block
-        h = kernels.rms_norm(x, lw.attn_norm, c.norm_eps, out=ws.rows("norm", T, D))  # [T, D]
-        qkv = kernels.gemv_rows(h, lw.wqkv, ws.rows("qkv", T, QK + KVH * HD), lw.bqkv)  # [T, (H + 2·KVH)·HD]
-        qk = ws.rows("qk", T, QK).reshape(T, H + KVH, HD)  # [T, H + KVH, HD]: each row's q starts a slot
-        kernels.apply_rope(qkv[:, :QK].reshape(T, H + KVH, HD), cos, sin, out=qk)
-        q, k = qk[:, :H], qk[:, H:]  # [T, H, HD], [T, KVH, HD]
-        cache.write(layer, cells, k, qkv[:, QK:].reshape(T, KVH, HD))  # v: [T, KVH, HD]
-        attn = ws.rows("attention", T, H * HD)  # [T, H·HD]
+        kernels.rms_norm_rows(x, lw.attn_norm, c.norm_eps, out=h)  # [T, D]
+        kernels.gemv_rows(h, lw.wqkv, qkv, lw.bqkv)  # [T, D] @ [D, (H + 2·KVH)·HD] -> [T, (H + 2·KVH)·HD]
+        qk = qk.reshape(T, H + KVH, HD)  # [T, H + KVH, HD]: q and k rotated together, each row's q starts a slot
+        kernels.apply_rope_tables(qkv[:, :QK].reshape(T, H + KVH, HD), *ws.rope(cos, sin), out=qk,
+                                  tmp=tmp.reshape(T, H + KVH, HD))
+        cache.write(layer, cells, qk[:, H:], qkv[:, QK:].reshape(T, KVH, HD))  # k, v: [T, KVH, HD]
         for i in range(T):  # one query at a time, over exactly its visible cells
             keys, values = cache.gather(layer, visible[i])  # [KVH, N, HD] each, canonical copies
-            kernels.attend_canonical(q[i].reshape(KVH, G, HD), kernels.canonical(keys), kernels.canonical(values),
-                                     self.scale, attn[i].reshape(KVH, G, HD))
-        x = x + kernels.gemv_rows(attn, lw.wo, ws.rows("o", T, D), lw.bo)  # [T, H·HD] @ [H·HD, D] -> [T, D]
+            kernels.attend_canonical(qk[i, :H].reshape(KVH, G, HD), kernels.canonical(keys),
+                                     kernels.canonical(values), self.scale, attn[i].reshape(KVH, G, HD))
+        x = x + kernels.gemv_rows(attn, lw.wo, o, lw.bo)  # [T, H·HD] @ [H·HD, D] -> [T, D]
 
         # MLP block
-        h = kernels.rms_norm(x, lw.mlp_norm, c.norm_eps, out=h)  # [T, D]
-        F = lw.w_down.shape[0]
-        gate_up = kernels.gemv_rows(h, lw.w_gate_up, ws.rows("gate_up", T, 2 * F), lw.b_gate_up)  # [T, 2F]
-        act = kernels.swiglu(gate_up, out=ws.rows("act", T, F))  # [T, F]
-        return x + kernels.gemv_rows(act, lw.w_down, ws.rows("down", T, D), lw.b_down)  # [T, F] @ [F, D] -> [T, D]
+        gate_up, act, down = ws.rows("gate_up", T, 2 * F), ws.rows("act", T, F), o
+        kernels.rms_norm_rows(x, lw.mlp_norm, c.norm_eps, out=h)  # [T, D]
+        kernels.gemv_rows(h, lw.w_gate_up, gate_up, lw.b_gate_up)  # [T, D] @ [D, 2F] -> [T, 2F]
+        kernels.swiglu(gate_up, out=act)  # [T, F]
+        return x + kernels.gemv_rows(act, lw.w_down, down, lw.b_down)  # [T, F] @ [F, D] -> [T, D]
 
 
 @dataclass

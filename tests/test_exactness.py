@@ -171,3 +171,25 @@ def test_column_chunks_cover_the_padded_width_at_multiples_of_16():
         assert all(a < b and a % 16 == 0 for a, b in chunks) and len(chunks) <= threads
         assert all(b == a2 for (_, b), (a2, _) in zip(chunks, chunks[1:]))
     assert len(kernels.column_chunks(576, 3072, 2)) == 2 and len(kernels.column_chunks(16, 16, 2)) == 1
+
+
+@given(data=st.data())
+def test_decode_row_kernels_give_the_bits_of_the_batched_ones(data):
+    """The decode path's per-row RMSNorm and table RoPE are the prefill path's float32 operations
+    in the same order: same bits, also for extreme magnitudes."""
+    T = data.draw(st.integers(1, 5), label="rows")
+    heads = data.draw(st.integers(1, 6), label="heads")
+    half = data.draw(st.integers(1, 40), label="head_dim / 2")
+    D = data.draw(st.integers(1, 300), label="dim")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    scale = np.float32(10.0 ** data.draw(st.integers(-18, 18), label="log10 scale"))
+    x = (rng.standard_normal((T, D)) * scale).astype(np.float32)
+    w = rng.standard_normal(D).astype(np.float32)
+    out = kernels.row_slots(T, D)
+    assert np.array_equal(kernels.rms_norm_rows(x, w, 1e-5, out=out), kernels.rms_norm(x, w, 1e-5))
+    q = (rng.standard_normal((T, heads, 2 * half)) * scale).astype(np.float32)
+    positions = rng.integers(0, 100_000, T)
+    inv_freq = (1.0 / (10000.0 ** (np.arange(half) / half))).astype(np.float32)
+    cos, sin = kernels.rope_cos_sin(positions, inv_freq)
+    got = kernels.apply_rope_tables(q, *kernels.rope_tables(cos, sin), out=np.empty_like(q), tmp=np.empty_like(q))
+    assert np.array_equal(got, kernels.apply_rope(q, cos, sin))
