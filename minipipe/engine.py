@@ -178,19 +178,22 @@ class Engine:
     # 1. admission
 
     def _until_next_arrival(self) -> float | None:
-        """Seconds until a waiting request arrives that could be admitted then (None: no such)."""
-        if not self.waiting or len(self.running) >= self.max_running:
+        """Seconds until the next waiting request can start (0: now); None when it waits for room,
+        which only an answer can make."""
+        if not self.waiting or not self._fits(self.waiting[0]):
             return None
         return max(0.0, self.waiting[0].arrived_at - self.pipe.now())
 
+    def _fits(self, request: Request) -> bool:
+        """A running slot and the KV budget have room for `request`."""
+        return bool(self.free_blocks) and (self.kv_cells is None
+                                           or self.reserved + self.reservation(request) <= self.kv_cells)
+
     def _admit(self) -> None:
         now = self.pipe.now()
-        while self.waiting and self.waiting[0].arrived_at <= now and self.free_blocks:
-            request = self.waiting[0]
+        while self.waiting and self.waiting[0].arrived_at <= now and self._fits(self.waiting[0]):
+            request = self.waiting.popleft()  # (one that does not fit waits; so does everyone behind it)
             need = self.reservation(request)
-            if self.kv_cells is not None and self.reserved + need > self.kv_cells:
-                return  # it waits for room; so does everyone behind it
-            self.waiting.popleft()
             request.start(now, self.max_positions, self.pipe.now)
             request.stats = self.strategy.stats()
             if request.stats is not None:
@@ -231,48 +234,55 @@ class Engine:
                 self.queue[decoder].append(action)
 
     def _launch(self) -> None:
-        self._flush()
-        self._offer()
+        """Send what the decoders have queued, and optional work while the pipeline has room.
 
-    def _flush(self) -> None:
-        """Send queued edits and parts: a decoder's edits before its next part, parts merged."""
-        n_stages = self.pipe.n_stages
+        Each micro-batch takes at most one part per request: the part it has queued, or else
+        (strategies that speculate) one it offers now. So the requests' parts travel together,
+        step after step (SpecPipe-DB's rhythm), and a request whose rhythm was broken (a new
+        root after a miss, a newcomer) joins the common micro-batches at once.
+        """
         while True:
-            for queue in self.queue.values():  # edits ahead of each decoder's next part
-                while queue and isinstance(queue[0], Edit):
-                    self.pipe.submit_edits(queue.popleft().edits)
-            ready = [d for d, q in self.queue.items() if q]  # their next action is a part
-            if not ready:
-                return
-            prefill = [d for d in ready if self.queue[d][0].kind == "prefill"]
-            if prefill:  # prompt chunks travel alone
+            self._send_edits()
+            prefill = [d for d, q in self.queue.items() if q and q[0].kind == "prefill"]
+            if prefill:  # prompt chunks travel alone (their GEMM bits depend on their rows)
                 for d in prefill:
                     self._submit([self.queue[d].popleft()])
                 continue
-            cap = len(ready)
+            if self._live_flights() >= self._max_flights():
+                return  # hold: the pipeline is full; the parts go together when a micro-batch returns
+            ready = [d for d, q in self.queue.items() if q]  # their next action is a part
             if self.strategy.one_part_in_flight:
-                if len(self.inflight) >= n_stages:
-                    return  # hold: the pipeline is full; a group forms when a stage frees up
-                cap = math.ceil(len(self.running) / n_stages)
-            ready.sort(key=lambda d: self.queue[d][0].ready)
-            self._submit([self.queue[d].popleft() for d in ready[:cap]])
+                ready.sort(key=lambda d: self.queue[d][0].ready)
+                ready = ready[: math.ceil(len(self.running) / self.pipe.n_stages)]
+            elif self.strategy.offer_while_answer_waits or not self.pipe.poll():
+                for decoder in self.running:  # optional work joins the same micro-batch
+                    if decoder not in ready and decoder.started and decoder.offer():
+                        self._collect(decoder)
+                        self._send_edits(decoder)
+                        ready.append(decoder)
+            if not ready:
+                return
+            self._submit([self.queue[d].popleft() for d in ready])
 
-    def _offer(self) -> None:
-        """Optional work: ask each running decoder for one more part, round after round."""
-        cap = self.strategy.max_inflight_runs
-        while self.running:
-            if not self.strategy.offer_while_answer_waits and self.pipe.poll():
-                return
-            if cap is not None and len(self.inflight) >= cap:
-                return
-            offered = False
-            for decoder in self.running:
-                if decoder.started and decoder.offer():
-                    offered = True
-                    self._collect(decoder)
-            if not offered:
-                return
-            self._flush()
+    def _send_edits(self, decoder: Decoder | None = None) -> None:
+        """Send the KV edits queued ahead of each decoder's next part (or of one decoder's)."""
+        for queue in self.queue.values() if decoder is None else [self.queue[decoder]]:
+            while queue and isinstance(queue[0], Edit):
+                self.pipe.submit_edits(queue.popleft().edits)
+
+    def _max_flights(self) -> float:
+        """Micro-batches with live rows allowed in flight (`n_stages` for strategies whose
+        requests wait for each answer; the strategy's own cap otherwise)."""
+        if self.strategy.one_part_in_flight:
+            return self.pipe.n_stages
+        cap = self.strategy.max_inflight_runs(self.pipe.n_stages)
+        return math.inf if cap is None else cap
+
+    def _live_flights(self) -> int:
+        """Decode micro-batches in flight with some row not cancelled. Prompt chunks do not count
+        (they are not part of the decoders' rhythm), nor do fully cancelled ones (stubs on their
+        way back, taking no stage time worth waiting for)."""
+        return sum(1 for f in self.inflight if f.live_keys and not f.parts[0].batch.prefill)
 
     def _submit(self, parts: list[Part]) -> None:
         """One micro-batch: the parts' rows, concatenated, as one run through every stage."""

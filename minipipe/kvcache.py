@@ -221,7 +221,7 @@ class KVCache:
         """Sequence `seq`'s position array, created or grown to hold `length` positions."""
         row = self.seq_cells.get(seq)
         if row is None or row.shape[0] < length:
-            grown = np.full(max(16, 1 << max(0, length - 1).bit_length()), NONE, dtype=np.int64)
+            grown = np.full(max(16, 1 << max(0, int(length) - 1).bit_length()), NONE, dtype=np.int64)
             if row is not None:
                 grown[: row.shape[0]] = row
             self.seq_cells[seq] = row = grown

@@ -236,8 +236,9 @@ class Strategy(ABC):
         """Sequence ids one request's block spans (a pipeline for one request needs this many)."""
         return self.seqs_per_request
 
-    @property
-    def max_inflight_runs(self) -> int | None:
+    def max_inflight_runs(self, n_stages: int) -> int | None:
+        """Micro-batches (with live rows) in flight at most, for strategies that keep several
+        parts in flight per request (None: no limit beyond the decoders' own)."""
         return None
 
     def max_part_rows(self) -> int:

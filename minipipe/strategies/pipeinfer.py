@@ -337,8 +337,7 @@ class PipeInferStrategy(Strategy):
     def seqs_per_request(self) -> int:
         return KVMultiBuffer(n_partitions=self.max_inflight + 1, width=self.branches).n_seqs
 
-    @property
-    def max_inflight_runs(self) -> int:
+    def max_inflight_runs(self, n_stages: int) -> int:
         return self.max_inflight
 
     def max_part_rows(self) -> int:

@@ -254,6 +254,9 @@ class SpecPipeStrategy(Strategy):
     def seqs_per_request(self) -> int:
         return 1 + self.max_nodes
 
+    def max_inflight_runs(self, n_stages: int) -> int:
+        return n_stages  # one micro-batch per stage: requests' layers of one step travel together
+
     def max_part_rows(self) -> int:
         return self.width  # one tree layer
 
