@@ -87,6 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
                           "splitting the columns at places that keep the bits of one thread; prefill always uses "
                           "1 so the prompt's K/V match every other strategy's. Pipeline stages use one thread each")
     gen.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
+    gen.add_argument("--requests", metavar="FILE",
+                     help="serve the requests of a JSON Lines file instead of one PROMPT: one object per line, "
+                          '{"id": ..., "prompt": "..."} or {"prompt_ids": [...]}, optional "max_new_tokens" and '
+                          '"arrival_s" (seconds after the start). Their rows share the pipeline\'s micro-batches '
+                          "(continuous batching); each request's tokens equal its greedy decoding alone. With --json, "
+                          "one object per finished request, then {\"summary\": ...}")
+    gen.add_argument("--max-running", type=int, metavar="N",
+                     help="requests decoded at once (default 16 with --requests); the others wait")
+    gen.add_argument("--kv-cells", type=int, metavar="N",
+                     help="KV budget in cells per stage: a request starts only when the cells it may need "
+                          "(prompt, token budget, its strategy's speculation) fit beside the running ones "
+                          "(default: no limit)")
 
     spec = gen.add_argument_group("speculation (speculative, tree, pipeinfer, specpipe)")
     spec.add_argument("--draft", metavar="N|SOURCE", action="append",
@@ -171,8 +183,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .paths import resolve_model
     from .tokenizer import Tokenizer
 
+    if args.requests is not None:
+        if args.prompt is not None or args.prompt_ids is not None or args.chat:
+            raise InputError("--requests takes the prompts from the file: no PROMPT, --prompt-ids or --chat")
+        return cmd_requests(args)
     if args.prompt is None and args.prompt_ids is None:
-        raise InputError("give a PROMPT or --prompt-ids")
+        raise InputError("give a PROMPT, --prompt-ids or --requests")
     if args.prompt is not None and args.prompt_ids is not None:
         raise InputError("give either a PROMPT or --prompt-ids, not both")
     if args.max_new_tokens < 0:
@@ -214,7 +230,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.update(1)
 
-    result = _run_strategy(args, config, prompt_ids, eos_ids, on_token, show_progress)
+    from .request import Request
+
+    request = Request("0", prompt_ids, args.max_new_tokens, eos_ids, on_token=on_token)
+    result = _run_strategy(args, config, [request], show_progress)[0].result()
+    if args.strategy != "greedy":
+        result.metrics.extra["runtime"] = args.runtime
+        result.metrics.extra["n_stages"] = args.n_stages_used
     if bar is not None:
         bar.close()
     metrics = result.metrics.to_dict()
@@ -240,29 +262,97 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_strategy(args, config, prompt_ids, eos_ids, on_token, show_progress):
-    """Run the chosen strategy on the chosen runtime; return its Generation."""
-    from .greedy import generate_greedy
+def cmd_requests(args: argparse.Namespace) -> int:
+    """`generate --requests FILE`: serve every request of the file through one engine."""
+    from .config import load_config
+    from .paths import resolve_model
+    from .requests_file import read_requests
+    from .tokenizer import Tokenizer
+
+    if args.max_new_tokens < 0:
+        raise InputError("--max-new-tokens must be >= 0")
+    _check_flags(args)
+    args.model = resolve_model(args.model)
+    config = load_config(args.model)
+    try:
+        tokenizer = Tokenizer(args.model, config.eos_ids)
+    except MinipipeError:
+        tokenizer = None  # prompt_ids only
+    eos_ids = () if args.ignore_eos else tokenizer.eos_ids if tokenizer is not None else config.eos_ids
+    requests = read_requests(args.requests, tokenizer, config.vocab_size, config.max_positions, args.max_new_tokens,
+                             eos_ids)
+    bar = None
+    if not args.quiet and sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = tqdm(total=len(requests), desc="requests", unit="req", file=sys.stderr, leave=False)
+
+    def text_of(request) -> str | None:
+        if tokenizer is None:
+            return None
+        return tokenizer.decode(request.prompt + request.sink.tokens)[len(tokenizer.decode(request.prompt)):]
+
+    def report(request) -> None:
+        result = request.result()
+        if bar is not None:
+            bar.update(1)
+        metrics = result.metrics.to_dict()
+        metrics["stop_reason"] = result.stop_reason
+        if args.json:
+            print(json.dumps({"id": request.id, "tokens": result.tokens, "text": text_of(request), "metrics": metrics}),
+                  flush=True)
+        else:
+            text = text_of(request)
+            print(f"--- request {request.id}: {len(result.tokens)} tokens, stopped by {result.stop_reason}")
+            print(text if text is not None else " ".join(map(str, result.tokens)), flush=True)
+
+    _run_strategy(args, config, requests, bar is not None, on_finish=report)
+    if bar is not None:
+        bar.close()
+    summary = summary_of(requests, args)
+    if args.json:
+        print(json.dumps({"summary": summary}))
+    elif not args.quiet:
+        print(f"[{args.strategy}] {summary['requests']} requests, {summary['generated_tokens']} tokens in "
+              f"{summary['span_s']:.3f} s: {summary['tokens_per_s']} tok/s, {summary['requests_per_s']} req/s; "
+              f"time to first token p50 {summary['time_to_first_token_s']['p50']} s", file=sys.stderr)
+    if args.timeline:
+        print(args.tracer.timeline(), file=sys.stderr)
+    return 0
+
+
+def summary_of(requests, args) -> dict:
+    """Aggregate figures of finished requests (the engine's summary, for every strategy)."""
+    from .engine import summarize
+
+    out = summarize(requests)
+    out["strategy"] = args.strategy
+    if args.strategy != "greedy":
+        out["runtime"], out["n_stages"] = args.runtime, args.n_stages_used
+    return out
+
+
+def _run_strategy(args, config, requests, show_progress, on_finish=None):
+    """Serve `requests` with the chosen strategy on the chosen runtime; returns them finished.
+
+    `greedy` is the single-process oracle: it decodes the requests one after another, as they
+    arrive, each alone. Every other strategy goes through the engine.
+    """
     from .model import load_stage
 
     if args.threads < 1:
         raise InputError("--threads must be >= 1")
+    if args.max_running is not None and args.max_running < 1 or args.kv_cells is not None and args.kv_cells < 1:
+        raise InputError("--max-running and --kv-cells must be >= 1")
     if args.strategy == "greedy":
         if args.stages not in (None, 1) or args.split or args.trace or args.timeline:
             raise InputError("--stages, --split, --trace and --timeline need a pipelined --strategy")
-        from . import kernels
-
-        model = load_stage(args.model, progress=show_progress)
-        kernels.set_gemv_threads(args.threads)
-        try:
-            return generate_greedy(model, prompt_ids, args.max_new_tokens, eos_ids, on_token=on_token)
-        finally:
-            kernels.set_gemv_threads(1)
+        return _run_greedy(args, load_stage(args.model, progress=show_progress), requests, on_finish)
     if args.threads != 1:
         raise InputError("--threads applies to --strategy greedy (pipeline stages use one BLAS thread each)")
 
+    from .engine import Engine
     from .runtime import open_pipeline
-    from .strategies import generate, largest_run
+    from .strategies import largest_run
     from .trace import Tracer
 
     split = None
@@ -272,7 +362,8 @@ def _run_strategy(args, config, prompt_ids, eos_ids, on_token, show_progress):
         except ValueError:
             raise InputError(f"--split must be comma-separated layer counts, got {args.split!r}") from None
     n_stages = args.stages if args.stages is not None else (len(split) if split else 2)
-    strategy = _make_strategy(args, config, prompt_ids, eos_ids)
+    max_running = args.max_running or (16 if args.requests else 1)
+    strategy = _make_strategy(args, config, requests)
     tracer = Tracer(enabled=bool(args.trace or args.timeline))
     cost = None
     if args.runtime == "local":
@@ -286,21 +377,58 @@ def _run_strategy(args, config, prompt_ids, eos_ids, on_token, show_progress):
         raise InputError("--slow-link-ms needs --runtime local")
     if not (math.isfinite(args.stage_timeout) and (args.stage_timeout == 0 or args.stage_timeout >= 1)):
         raise InputError(f"--stage-timeout must be a number of seconds >= 1 (or 0: never), got {args.stage_timeout}")
-    with open_pipeline(args.model, args.runtime, n_stages, split, strategy.n_seqs, tracer=tracer, cost=cost,
-                       max_rows=largest_run(strategy), stage_timeout=args.stage_timeout) as pipe:
-        result = generate(strategy, pipe, prompt_ids, args.max_new_tokens, eos_ids, config.max_positions, on_token)
+    with open_pipeline(args.model, args.runtime, n_stages, split, Engine.n_seqs(strategy, max_running),
+                       tracer=tracer, cost=cost, max_rows=largest_run(strategy, max_running),
+                       stage_timeout=args.stage_timeout, cache_cells=args.kv_cells) as pipe:
+        listeners = []
+        if on_finish is not None:
+            from .events import Finished
+
+            by_id = {r.id: r for r in requests}
+            listeners.append(lambda e: on_finish(by_id[e.request]) if isinstance(e, Finished) else None)
+        engine = Engine(pipe, strategy, max_running, args.kv_cells, config.max_positions, listeners)
+        for request in requests:
+            engine.add(request)
+        engine.run()
+        args.n_stages_used = pipe.n_stages
     if args.trace:
         try:
             tracer.write_chrome(args.trace)
         except OSError as e:  # e.g. the disk filled up during the run
             raise InputError(f"--trace {args.trace}: could not write the trace ({e.strerror or e})") from None
     args.tracer = tracer  # printed after the text
-    result.metrics.extra["runtime"] = args.runtime
-    result.metrics.extra["n_stages"] = pipe.n_stages
-    return result
+    return requests
 
 
-def _make_strategy(args, config, prompt_ids, eos_ids):
+def _run_greedy(args, model, requests, on_finish):
+    """The oracle: each request decoded alone, one after another, in arrival order."""
+    import time
+
+    from . import kernels
+    from .greedy import generate_greedy
+    from .request import FINISHED
+
+    kernels.set_gemv_threads(args.threads)
+    t0 = time.perf_counter()
+    try:
+        for request in sorted(requests, key=lambda r: r.arrival_s):
+            request.arrived_at = t0 + request.arrival_s
+            time.sleep(max(0.0, request.arrived_at - time.perf_counter()))
+            request.start(time.perf_counter(), model.config.max_positions, time.perf_counter)
+            result = generate_greedy(model, request.prompt, request.max_new_tokens, request.stop_ids,
+                                     on_token=request.on_token)
+            request.sink.tokens, request.sink.stop_reason = result.tokens, result.stop_reason
+            request.sink.metrics.token_times = [t + (request.admitted_s - request.arrived_at)
+                                                for t in result.metrics.token_times]
+            request.state, request.finished_s = FINISHED, time.perf_counter()
+            if on_finish is not None:
+                on_finish(request)
+    finally:
+        kernels.set_gemv_threads(1)
+    return requests
+
+
+def _make_strategy(args, config, requests):
     """The strategy object for --strategy, with its draft source."""
     from .strategies import (NEEDS_DRAFT, PipeInferStrategy, PipelineStrategy, SpecPipeStrategy, SpeculativeStrategy,
                              TreeStrategy)
@@ -320,7 +448,7 @@ def _make_strategy(args, config, prompt_ids, eos_ids):
     p_accept = args.p_accept if args.p_accept is not None else (0.5 if args.strategy == "pipeinfer" else 0.0)
     if n_draft < 1 or args.branches < 1 or args.max_inflight < 1:
         raise InputError("--draft, --branches and --max-inflight must be >= 1")
-    draft = _make_draft(source, args.model, config, prompt_ids, args.max_new_tokens, eos_ids)
+    draft = _make_draft(source, args.model, config, requests)
     if args.strategy == "speculative":
         return SpeculativeStrategy(draft, k=n_draft, min_confidence=p_accept)
     if args.strategy == "specpipe":
@@ -340,7 +468,7 @@ def _make_strategy(args, config, prompt_ids, eos_ids):
     return TreeStrategy(draft, schedule=schedule, budget=args.tree_budget, min_confidence=p_accept)
 
 
-def _make_draft(source, target_dir, config, prompt_ids, max_new_tokens, eos_ids):
+def _make_draft(source, target_dir, config, requests):
     """A draft source from its command-line spelling (see --draft-model)."""
     from .draft import DraftModel, NgramDraft, OracleDraft, check_compatible
     from .model import load_stage
@@ -358,8 +486,16 @@ def _make_draft(source, target_dir, config, prompt_ids, max_new_tokens, eos_ids)
                              f"got {source!r}")
         from .greedy import generate_greedy
 
-        truth = generate_greedy(load_stage(target_dir), prompt_ids, max_new_tokens, eos_ids).tokens
-        return OracleDraft(truth, p, config.vocab_size)
+        target = load_stage(target_dir)
+        longest: dict[tuple, int] = {}  # the oracle knows each request's greedy text
+        for r in requests:
+            longest[tuple(r.prompt)] = max(longest.get(tuple(r.prompt), 0), r.max_new_tokens)
+        stop_ids = requests[0].stop_ids
+
+        def truth_of(prompt: list[int]) -> list[int]:
+            return generate_greedy(target, prompt, longest[tuple(prompt)], stop_ids).tokens
+
+        return OracleDraft(truth_of, p, config.vocab_size)
     draft_dir = resolve_model(source, default=DEFAULT_DRAFT)
     draft = load_stage(draft_dir)
     check_compatible(target_dir, draft_dir, config.vocab_size, draft.config.vocab_size)

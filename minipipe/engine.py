@@ -388,31 +388,36 @@ class Engine:
     # reporting
 
     def summary(self) -> dict:
-        """Aggregate figures over finished requests: throughput and latency percentiles."""
-        done = [r for r in self.finished if r.sink is not None]
-        tokens = sum(len(r.sink.tokens) for r in done)
-        start = min((r.arrived_at for r in done), default=self.t0)
-        end = max((r.finished_s for r in done), default=self.t0)
-        span = end - start
-        ttft = [r.sink.metrics.token_times[0] for r in done if r.sink.metrics.token_times]
-        gaps = [g for r in done for g in np.diff(r.sink.metrics.token_times)]
-        latency = [r.finished_s - r.arrived_at for r in done]
-        queued = [r.queued_s for r in done]
-
-        def pct(values, q):
-            return round(float(np.percentile(values, q)), 6) if values else None
-
-        return {
-            "requests": len(done),
-            "generated_tokens": tokens,
-            "span_s": round(span, 6),
-            "tokens_per_s": round(tokens / span, 3) if span > 0 else None,
-            "requests_per_s": round(len(done) / span, 3) if span > 0 else None,
-            "time_to_first_token_s": {"p50": pct(ttft, 50), "p95": pct(ttft, 95)},
-            "inter_token_latency_s": {"p50": pct(gaps, 50), "p95": pct(gaps, 95)},
-            "latency_s": {"p50": pct(latency, 50), "p95": pct(latency, 95)},
-            "queued_s": {"p50": pct(queued, 50), "p95": pct(queued, 95)},
-        }
+        """Aggregate figures over the finished requests (see `summarize`)."""
+        return summarize(self.finished)
 
     def idle(self) -> bool:
         return not (self.waiting or self.running or self.inflight)
+
+
+def summarize(requests: list[Request]) -> dict:
+    """Aggregate figures over finished requests: throughput over the span from the first arrival
+    to the last finish, and percentiles of time to first token, inter-token latency, latency
+    (arrival to finish) and queueing delay. Seconds on the head's clock."""
+    done = [r for r in requests if r.sink is not None and r.finished_s is not None]
+    tokens = sum(len(r.sink.tokens) for r in done)
+    span = (max(r.finished_s for r in done) - min(r.arrived_at for r in done)) if done else 0.0
+    ttft = [r.sink.metrics.token_times[0] for r in done if r.sink.metrics.token_times]
+    gaps = [float(g) for r in done for g in np.diff(r.sink.metrics.token_times)]
+    latency = [r.finished_s - r.arrived_at for r in done]
+    queued = [r.queued_s for r in done]
+
+    def pct(values, q):
+        return round(float(np.percentile(values, q)), 6) if values else None
+
+    return {
+        "requests": len(done),
+        "generated_tokens": tokens,
+        "span_s": round(span, 6),
+        "tokens_per_s": round(tokens / span, 3) if span > 0 else None,
+        "requests_per_s": round(len(done) / span, 3) if span > 0 else None,
+        "time_to_first_token_s": {"p50": pct(ttft, 50), "p95": pct(ttft, 95)},
+        "inter_token_latency_s": {"p50": pct(gaps, 50), "p95": pct(gaps, 95)},
+        "latency_s": {"p50": pct(latency, 50), "p95": pct(latency, 95)},
+        "queued_s": {"p50": pct(queued, 50), "p95": pct(queued, 95)},
+    }

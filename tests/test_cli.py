@@ -105,7 +105,7 @@ def _bad_model(tmp_path, kind: str):
     ("too_long", "the prompt has 40 tokens but the model's context holds 32"),
     ("bad_id", "token id 50 is outside the vocabulary"),
     ("bad_ids_syntax", "--prompt-ids must be comma-separated integers"),
-    ("no_prompt", "give a PROMPT or --prompt-ids"),
+    ("no_prompt", "give a PROMPT, --prompt-ids or --requests"),
 ])
 def test_user_errors_are_one_line(tmp_path, case, message):
     d = tmp_path / "absent" if case == "missing" else _bad_model(tmp_path, case)
