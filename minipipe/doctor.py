@@ -9,10 +9,12 @@ Checks (each on several random models: MHA, GQA and MQA; odd sizes; optionally a
 3. **tree** — two branches sharing a prefix, verified together in one batch (rows interleaved,
    each branch in its own sequence), give each branch's sequential logits.
 4. **threads** — a decode GEMV (`x @ W` over the [IN, OUT] row-slot weight, on the padded
-   width) gives the same bits on 1 thread and split into column ranges at multiples of 16 on
-   2, 3 and every core's worth of threads (`generate --threads N`), for every linear shape of
-   the models (and a checkpoint's) and for odd shapes. It also counts how often OpenBLAS's own
-   threads would have given other bits on the same shapes, which is why minipipe splits itself.
+   width) gives the same bits on 1 thread as on 2, 3, 4, 8 and every core's worth of threads
+   (`generate --threads N`): split into column ranges at multiples of 16 on minipipe's threads,
+   and on OpenBLAS's own threads where the padded width is a multiple of 16 x N; and split at
+   a random multiple of 16; for every linear shape of the models (and a checkpoint's) and for
+   odd shapes. It also counts how often OpenBLAS's own threads would have given other bits on
+   the unpadded widths, which is why minipipe does not let them split any GEMV.
 5. **layout** — attention gives the same bits whatever the memory layout of its operands (a
    slice of the cache, a gathered copy, misaligned or strided copies), for the models' head
    shapes and for tiny head dims; it also counts how often the same products computed straight
@@ -159,8 +161,9 @@ def check_gemv_threads(rng: np.random.Generator, shapes, thread_counts) -> tuple
                 kernels._gemv_rows(rows, kernels._padded(w), kernels._padded(split), a, b)
             ok &= bool(np.array_equal(split, one))
             for n in thread_counts:
-                kernels.set_gemv_threads(n)
-                ok &= bool(np.array_equal(kernels.linear_rows(x, w), one))
+                for blas_threads in (True, False):  # OpenBLAS's even splits where allowed / minipipe's only
+                    kernels.set_gemv_threads(n, blas_threads=blas_threads)
+                    ok &= bool(np.array_equal(kernels.linear_rows(x, w), one))
                 if blas.info().controllable:  # what OpenBLAS's own threads would give
                     with blas.threads(n):
                         theirs = np.stack([x[i] @ w for i in range(2)])
@@ -227,7 +230,8 @@ def run_doctor(model_dir: str | None = None, quick: bool = False) -> int:
             other = list(rng.integers(0, V, int(rng.integers(1, 6))))
             results.append((f"{name} chain of {len(tokens)}", check_chain(model, prompt, tokens)))
             results.append((f"{name} tree {len(tokens)}+{len(other)}", check_tree(model, prompt, tokens, other)))
-    odd_shapes = {(64, 48), (37, 131), (576, 1536), (512, 3000), (333, 1001), (7, 100), (1536, 576), (576, 960)}
+    odd_shapes = {(64, 48), (37, 131), (576, 1536), (512, 3000), (333, 1001), (7, 100), (1536, 576), (576, 960),
+                  (2048, 8192), (960, 49152)}
     shapes = odd_shapes.union(*(linear_shapes(m) for _, m in models))
     counts = gemv_thread_counts()
     threads_ok, blas_differs, thread_cases = check_gemv_threads(rng, shapes, counts)
@@ -255,8 +259,8 @@ def run_doctor(model_dir: str | None = None, quick: bool = False) -> int:
     else:
         print("  (this BLAS gave the same bits for every layout tried, even without the canonical copies)")
     if blas_differs:
-        print(f"  Why minipipe splits GEMVs itself: OpenBLAS's own threads gave other bits here in {blas_differs} "
-              f"of {thread_cases} cases.")
+        print(f"  Why OpenBLAS's threads run only widths of 16 x N: on any width they gave other bits here in "
+              f"{blas_differs} of {thread_cases} cases.")
     print()
     print("Cost of the policy: M speculative rows, exact kernels (one GEMV per row) vs plain GEMM")
     repeats = 2 if quick else 5

@@ -219,6 +219,15 @@ def column_chunks(n_in: int, n_out: int, n_threads: int) -> list[tuple[int, int]
     Since the bits do not depend on the split, the split is free to follow speed: a small GEMV
     is not split (ranges under SPLIT_MIN_BYTES of weight cost more to hand over than they save)
     and the caller's range is CALLER_SHARE times a worker's.
+
+    One exception makes `--threads` fast: OpenBLAS splits a GEMV's columns evenly over its
+    threads (and runs small ones on one), so when the padded width is a multiple of 16 x the
+    thread count every boundary falls on a multiple of 16 and its threads give the bits of one
+    thread too (thousands of random shapes checked for 2, 3, 4, 8 and 16 threads; `minipipe
+    doctor` checks the model's). Its threads wait for work spinning, which hands a GEMV over in
+    a microsecond or two instead of the tens a sleeping Python thread takes to wake, so
+    `gemv_rows` uses them for such widths (all of SmolLM2's on 2 threads) and minipipe's own
+    column ranges for the others.
     """
     blocks = padded_width(n_out) // COLUMN_BLOCK
     n = max(1, min(n_threads, blocks, n_in * padded_width(n_out) * 4 // SPLIT_MIN_BYTES))
@@ -234,15 +243,20 @@ def column_chunks(n_in: int, n_out: int, n_threads: int) -> list[tuple[int, int]
 
 
 class _Gemv:
-    """The decode GEMVs' thread team: None (the caller's thread only) or a `blas.ColumnTeam`."""
+    """How decode GEMVs use threads: `team` is None (the caller's thread only) or a
+    `blas.ColumnTeam`; `use_blas_threads`: let OpenBLAS's own threads run a GEMV whose padded
+    width is a multiple of 16 x the thread count (see `column_chunks`)."""
 
     team: "blas.ColumnTeam | None" = None
+    use_blas_threads: bool = True
 
 
-def set_gemv_threads(n: int) -> None:
-    """Run decode-row GEMVs on `n` threads (1: the calling thread only; BLAS itself stays on one)."""
+def set_gemv_threads(n: int, blas_threads: bool = True) -> None:
+    """Run decode-row GEMVs on `n` threads (1: the calling thread only). `blas_threads=False`:
+    never OpenBLAS's own threads, only minipipe's column ranges (doctor checks both)."""
     if n < 1:
         raise ValueError(f"GEMV threads must be >= 1, got {n}")
+    _Gemv.use_blas_threads = blas_threads and blas.info().controllable
     if _Gemv.team is not None:
         if _Gemv.team.n_threads == n:
             return
@@ -275,6 +289,13 @@ def gemv_rows(rows: np.ndarray, w: np.ndarray, out: np.ndarray, b: np.ndarray | 
     if team is None:
         for i in range(rows.shape[0]):
             np.matmul(rows[i], wp, out=outp[i])  # [IN] @ [IN, OUT'] -> [OUT']
+    elif _Gemv.use_blas_threads and wp.shape[1] % (COLUMN_BLOCK * team.n_threads) == 0:
+        blas.set_threads(team.n_threads)  # OpenBLAS splits OUT' evenly: at multiples of 16 here
+        try:
+            for i in range(rows.shape[0]):
+                np.matmul(rows[i], wp, out=outp[i])
+        finally:
+            blas.set_threads(1)
     else:
         team.run(_gemv_rows, (rows, wp, outp), column_chunks(w.shape[0], w.shape[1], team.n_threads))
     if b is not None:
@@ -359,9 +380,9 @@ def rms_norm_rows(x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray) -> 
 
 def softmax(scores: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Softmax over the last axis, in float32.  [..., N] -> [..., N] (into `out` when given)"""
-    e = np.subtract(scores, scores.max(axis=-1, keepdims=True), out=out)
+    e = np.subtract(scores, np.maximum.reduce(scores, axis=-1, keepdims=True), out=out)  # (ndarray.max's ufunc)
     np.exp(e, out=e)
-    e /= e.sum(axis=-1, keepdims=True)
+    e /= np.add.reduce(e, axis=-1, keepdims=True)  # (ndarray.sum's ufunc)
     return e
 
 

@@ -155,12 +155,31 @@ def test_gemv_bits_do_not_depend_on_threads_or_column_split(data):
     threads = data.draw(st.sampled_from([2, 3, 5, 8]), label="threads")
     min_bytes = kernels.SPLIT_MIN_BYTES
     try:
-        kernels.set_gemv_threads(threads)
-        assert np.array_equal(kernels.linear_rows(x, w), expected)  # small GEMVs: not split
-        kernels.SPLIT_MIN_BYTES = 1  # split every GEMV, however small
-        assert np.array_equal(kernels.linear_rows(x, w), expected)
+        for blas_threads in (True, False):  # OpenBLAS's own threads where the width allows / never
+            kernels.set_gemv_threads(threads, blas_threads=blas_threads)
+            kernels.SPLIT_MIN_BYTES = min_bytes
+            assert np.array_equal(kernels.linear_rows(x, w), expected)  # small GEMVs: not split
+            kernels.SPLIT_MIN_BYTES = 1  # split every GEMV, however small
+            assert np.array_equal(kernels.linear_rows(x, w), expected)
     finally:
         kernels.SPLIT_MIN_BYTES = min_bytes
+        kernels.set_gemv_threads(1)
+
+
+@given(n_in=st.integers(1, 2000), blocks=st.integers(1, 40), threads=st.sampled_from([2, 3, 4, 8]),
+       seed=st.integers(0, 2**32 - 1))
+def test_openblas_threads_give_one_threads_bits_on_widths_of_16_per_thread(n_in, blocks, threads, seed):
+    """`gemv_rows` lets OpenBLAS's own threads run a GEMV whose padded width is a multiple of
+    16 x threads (OpenBLAS splits it evenly, so at multiples of 16): same bits as one thread."""
+    rng = np.random.default_rng(seed)
+    n_out = kernels.COLUMN_BLOCK * threads * blocks
+    w = kernels.linear_weight([rng.standard_normal((n_out, n_in)).astype(np.float32)])
+    x = rng.standard_normal((1, n_in)).astype(np.float32)
+    expected = kernels.linear_rows(x, w).copy()
+    try:
+        kernels.set_gemv_threads(threads)
+        assert np.array_equal(kernels.linear_rows(x, w), expected)
+    finally:
         kernels.set_gemv_threads(1)
 
 
