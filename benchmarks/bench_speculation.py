@@ -97,6 +97,7 @@ from minipipe.runtime.stage import Stage, drain  # noqa: E402
 from minipipe.tokenizer import Tokenizer  # noqa: E402
 from minipipe.transport.cancel import LocalCancelSet  # noqa: E402
 from minipipe.transport.messages import Run  # noqa: E402
+from minipipe.multibuffer import KVMultiBuffer  # noqa: E402
 from minipipe.tree import SPECINFER_SCHEDULE, TokenTree  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "models"
@@ -244,20 +245,21 @@ class VerifyCost:
         """One verification of `strategy`'s full chain or tree, as one stage holding every layer runs it."""
         context = self.context
         root_pos = len(context) - 1  # the last committed token: not in the cache yet, the batch's root
-        strategy.draft.reset(context[:self.n_prompt])
+        draft = strategy.draft.fork(context[:self.n_prompt])
         tree = TokenTree(context[-1])
-        strategy.grow(tree, context, 64)
+        strategy.grow(tree, draft, context, 64)
         stage = Stage(0, self.target, LocalCancelSet(), strategy.n_seqs, CACHE_CELLS)
         prefill(self.target, stage.cache, context[:-1])
-        part = strategy.buffers.acquire()
-        before = strategy.buffers.view(0, part, 0, root_pos)
+        buffers = KVMultiBuffer(n_partitions=1, width=strategy.max_leaves)
+        part = buffers.acquire()
+        before = buffers.view(0, part, 0, root_pos)
         t0 = time.perf_counter()
         for edit in before:
             drain(stage.process(edit))
         t1 = time.perf_counter()
         drain(stage.process(Run(1, tree.batch(root_pos, part[0]), speculative=True)))
         t2 = time.perf_counter()
-        after = strategy.buffers.commit(part[0], root_pos, root_pos + tree.depth + 1) + strategy.buffers.release(part)
+        after = buffers.commit(part[0], root_pos, root_pos + tree.depth + 1) + buffers.release(part)
         for edit in after:
             drain(stage.process(edit))
         t3 = time.perf_counter()
