@@ -48,7 +48,7 @@ import numpy as np
 
 from .batch import Batch
 from .errors import InputError
-from .events import Admitted, Committed, Event, EventBus, Finished, KVEdited, Launched
+from .events import Admitted, Batched, Committed, Event, EventBus, Finished, KVEdited, Launched
 from .events import Cancelled as CancelledEvent
 from .request import FINISHED, Request
 from .runtime.base import Pipeline
@@ -296,6 +296,8 @@ class Engine:
         run_id = self.pipe.new_run_id()
         speculative = any(p.kind not in ("prefill", "plain") for p in parts)
         self.pipe.submit(Run(run_id, batch, speculative=speculative))
+        self.bus.emit(Batched(self.pipe.now(), "*", run_id, tuple((p.decoder.request.id, p.id, p.batch.n_rows)
+                                                                   for p in parts), batch.prefill))
         flight = Flight(run_id, parts, set(int(k) for k in batch.row_ids))
         self.inflight.append(flight)
         for key in flight.live_keys:
@@ -417,7 +419,8 @@ def summarize(requests: list[Request]) -> dict:
         "tokens_per_s": round(tokens / span, 3) if span > 0 else None,
         "requests_per_s": round(len(done) / span, 3) if span > 0 else None,
         "time_to_first_token_s": {"p50": pct(ttft, 50), "p95": pct(ttft, 95)},
-        "inter_token_latency_s": {"p50": pct(gaps, 50), "p95": pct(gaps, 95)},
+        "inter_token_latency_s": {"mean": round(float(np.mean(gaps)), 6) if gaps else None,
+                                  "p50": pct(gaps, 50), "p95": pct(gaps, 95)},
         "latency_s": {"p50": pct(latency, 50), "p95": pct(latency, 95)},
         "queued_s": {"p50": pct(queued, 50), "p95": pct(queued, 95)},
     }

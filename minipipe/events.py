@@ -17,6 +17,7 @@ the algorithm, without its bookkeeping.
 | `KVEdited`  | KV edits sent, labelled view / commit / release                       |
 | `Stepped`   | SpecPipe: an answer held the tip; `hit` says whether a child matched  |
 | `Finished`  | a request's stop rule fired (or it was aborted); its cells are freed  |
+| `Batched`   | the engine sent a micro-batch: which requests' parts share it         |
 
 Every event carries the head's time `t` (virtual on the local runtime) and the request's id.
 """
@@ -107,6 +108,15 @@ class Finished(Event):
     n_tokens: int
 
 
+@dataclass(frozen=True)
+class Batched(Event):
+    """The engine's, not a request's (`request` is "*")."""
+
+    run: int  # the micro-batch's run id
+    parts: tuple[tuple[str | int, int, int], ...]  # (request, part, rows) for each part in it
+    prefill: bool = False
+
+
 Listener = Callable[[Event], None]
 
 
@@ -143,7 +153,7 @@ class Narrator:
     def __call__(self, e: Event) -> None:
         line = self.sentence(e)
         if line:
-            self.say((f"[{e.request}] " if self.show_request else "") + line)
+            self.say((f"[{e.request}] " if self.show_request and not isinstance(e, Batched) else "") + line)
 
     def sentence(self, e: Event) -> str | None:
         if isinstance(e, Admitted):
@@ -184,6 +194,9 @@ class Narrator:
             return f"{what}: the target chose {self.tok([e.token])} at the tip{pruned}"
         if isinstance(e, Finished):
             return f"finished ({e.stop_reason}) after {e.n_tokens} token(s); its cells are freed"
+        if isinstance(e, Batched):
+            shares = " + ".join(f"{r}:part {p} ({n} row{'s' * (n != 1)})" for r, p, n in e.parts)
+            return f"micro-batch {e.run} = {shares}"
         return None
 
 
