@@ -66,8 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="layers per stage, e.g. 3,5 (default: an even split over --stages)")
     gen.add_argument("--runtime", choices=("process", "local"), default="process",
                      help="process: one OS process per stage over shared-memory rings (default); local: "
-                          "all stages in one process on a virtual clock calibrated on this machine "
-                          "(deterministic; reported times are simulated)")
+                          "all stages in one process on a virtual clock (see --cost; reported times are simulated)")
+    gen.add_argument("--cost", choices=("fixed", "calibrated"),
+                     help="local runtime: what the virtual clock charges. fixed (default): costs computed from the "
+                          "models' shapes on a nominal CPU, the same on every machine, so the same command prints "
+                          "the same timeline and times everywhere; calibrated: measured on this machine at start")
     gen.add_argument("--slow-link-ms", type=float, default=0.0, metavar="MS",
                      help="local runtime: add MS milliseconds to every hop between stages, to study a slow "
                           "interconnect (default 0)")
@@ -79,7 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--trace", metavar="FILE",
                      help="write a Chrome trace-event JSON of every stage's work (open in ui.perfetto.dev)")
     gen.add_argument("--timeline", action="store_true",
-                     help="print a text timeline of the stages' work on stderr at the end")
+                     help="print a text timeline of the stages' work on stderr at the end, with a legend")
+    gen.add_argument("--timeline-width", type=int, default=100, metavar="N",
+                     help="columns of the --timeline (default 100; at least 20)")
+    gen.add_argument("--html", metavar="FILE",
+                     help="write a self-contained HTML page that replays the run step by step (stages over time, "
+                          "runs, hops, commits, the cancellation map, each stage's KV cells, the token tree)")
     gen.add_argument("--json", action="store_true",
                      help='print one JSON object {"tokens": [...], "text": ..., "metrics": {...}} instead of streaming')
     gen.add_argument("--threads", type=int, default=1, metavar="N",
@@ -162,6 +170,10 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise InputError(f"--slow-link-ms must be a finite number of milliseconds >= 0, got {args.slow_link_ms}")
     if args.trace:
         _check_writable(args.trace, "--trace")
+    if getattr(args, "html", None):
+        _check_writable(args.html, "--html")
+    if getattr(args, "timeline_width", 100) < 20:
+        raise InputError(f"--timeline-width must be at least 20, got {args.timeline_width}")
 
 
 def _check_writable(path: str, flag: str) -> None:
@@ -258,7 +270,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if "speculation" in result.metrics.extra:
                 print(f"[{args.strategy}] {result.metrics.extra['speculation'].summary()}", file=sys.stderr)
     if args.timeline:
-        print(args.tracer.timeline(), file=sys.stderr)
+        print(args.tracer.timeline(getattr(args, "timeline_width", 100)), file=sys.stderr)
     return 0
 
 
@@ -316,7 +328,7 @@ def cmd_requests(args: argparse.Namespace) -> int:
               f"{summary['span_s']:.3f} s: {summary['tokens_per_s']} tok/s, {summary['requests_per_s']} req/s; "
               f"time to first token p50 {summary['time_to_first_token_s']['p50']} s", file=sys.stderr)
     if args.timeline:
-        print(args.tracer.timeline(), file=sys.stderr)
+        print(args.tracer.timeline(getattr(args, "timeline_width", 100)), file=sys.stderr)
     return 0
 
 
@@ -344,8 +356,8 @@ def _run_strategy(args, config, requests, show_progress, on_finish=None):
     if args.max_running is not None and args.max_running < 1 or args.kv_cells is not None and args.kv_cells < 1:
         raise InputError("--max-running and --kv-cells must be >= 1")
     if args.strategy == "greedy":
-        if args.stages not in (None, 1) or args.split or args.trace or args.timeline:
-            raise InputError("--stages, --split, --trace and --timeline need a pipelined --strategy")
+        if args.stages not in (None, 1) or args.split or args.trace or args.timeline or getattr(args, "html", None):
+            raise InputError("--stages, --split, --trace, --timeline and --html need a pipelined --strategy")
         return _run_greedy(args, load_stage(args.model, progress=show_progress), requests, on_finish)
     if args.threads != 1:
         raise InputError("--threads applies to --strategy greedy (pipeline stages use one BLAS thread each)")
@@ -353,7 +365,7 @@ def _run_strategy(args, config, requests, show_progress, on_finish=None):
     from .engine import Engine
     from .runtime import open_pipeline
     from .strategies import largest_run
-    from .trace import Tracer
+    from .trace import TracedDraft, TracedPipeline, Tracer
 
     split = None
     if args.split:
@@ -364,23 +376,43 @@ def _run_strategy(args, config, requests, show_progress, on_finish=None):
     n_stages = args.stages if args.stages is not None else (len(split) if split else 2)
     max_running = args.max_running or (16 if args.requests else 1)
     strategy = _make_strategy(args, config, requests)
-    tracer = Tracer(enabled=bool(args.trace or args.timeline))
+    html = getattr(args, "html", None)
+    tracer = Tracer(enabled=bool(args.trace or args.timeline or html))
     cost = None
     if args.runtime == "local":
-        from .runtime.cost import calibrate
+        from .runtime.cost import calibrate, fixed
 
         draft_model = getattr(getattr(strategy, "draft", None), "model", None)
-        cost = calibrate(load_stage(args.model), draft_model, repeats=2).with_hop_latency(args.slow_link_ms / 1e3)
+        if getattr(args, "cost", None) == "calibrated":
+            cost = calibrate(load_stage(args.model), draft_model, repeats=2)
+            how = "calibrated here"
+        else:
+            cost = fixed(config, None if draft_model is None else draft_model.config)
+            how = "fixed costs, the same on every machine"
+        cost = cost.with_hop_latency(args.slow_link_ms / 1e3)
         if not args.quiet:
-            print(f"[local] virtual clock calibrated here: {cost.describe()}", file=sys.stderr)
+            print(f"[local] virtual clock, {how}: {cost.describe()}", file=sys.stderr)
     elif args.slow_link_ms:
         raise InputError("--slow-link-ms needs --runtime local")
+    elif getattr(args, "cost", None):
+        raise InputError("--cost needs --runtime local")
+    elif tracer.enabled and getattr(strategy, "draft", None) is not None:
+        strategy.draft = TracedDraft(strategy.draft, tracer)  # drafting on the head's track, in real time
     if not (math.isfinite(args.stage_timeout) and (args.stage_timeout == 0 or args.stage_timeout >= 1)):
         raise InputError(f"--stage-timeout must be a number of seconds >= 1 (or 0: never), got {args.stage_timeout}")
     with open_pipeline(args.model, args.runtime, n_stages, split, Engine.n_seqs(strategy, max_running),
                        tracer=tracer, cost=cost, max_rows=largest_run(strategy, max_running),
                        stage_timeout=args.stage_timeout, cache_cells=args.kv_cells) as pipe:
         listeners = []
+        recording = None
+        if tracer.enabled:  # record what the head sends (KV edit labels, hops, the viewer's replay)
+            pipe = TracedPipeline(pipe, tracer)
+            listeners.append(pipe.observe)
+            if html:
+                from .viewer import Recording
+
+                recording = Recording(pipe, args, requests)
+                listeners.append(recording)
         if on_finish is not None:
             from .events import Finished
 
@@ -396,6 +428,11 @@ def _run_strategy(args, config, requests, show_progress, on_finish=None):
             tracer.write_chrome(args.trace)
         except OSError as e:  # e.g. the disk filled up during the run
             raise InputError(f"--trace {args.trace}: could not write the trace ({e.strerror or e})") from None
+    if recording is not None:
+        try:
+            recording.write_html(html)
+        except OSError as e:
+            raise InputError(f"--html {html}: could not write the page ({e.strerror or e})") from None
     args.tracer = tracer  # printed after the text
     return requests
 

@@ -1,25 +1,48 @@
 """Traces: what each stage and the head did, and when — as Chrome trace JSON or a text timeline.
 
-An event is one slice of work on one track ("head", "stage 0", ...):
+An event is one slice of work (or an instant) on one track ("head", "stage 0", ...):
 
     kind       what it marks
-    run        a run's whole visit to a stage (or a head phase such as drafting, verifying)
+    run        a run's whole visit to a stage (or a head phase)
     layer      one layer of a run (local runtime, which steps layer by layer)
-    cancel     a run skipped or stopped by early cancellation (instant or slice)
-    kv         a KV edit applied (instant)
+    cancel     a run skipped or stopped by early cancellation (instant, or the slice it computed)
+    kv         a KV edit applied by a stage, or sent by the head (instant)
     commit     tokens committed by the head (instant)
+    submit     the head sent a run, or a strategy launched a part (instant)
+    answer     the head received a run's answer (instant; recorded by `TracedPipeline`)
+    draft      the head's draft model at work (slice)
 
-`write_chrome(path)` writes the Chrome trace-event format (open it in https://ui.perfetto.dev or
-chrome://tracing); `timeline()` renders the same events as text for a terminal.
+Two renderings of the same events:
+
+* `write_chrome(path)` — Chrome trace-event JSON for https://ui.perfetto.dev or chrome://tracing:
+  one thread per track, slices for work, instants for edits, **flow arrows for every hop** of a
+  run (head → stage 0 → … → last stage → head), stage KV edits named by what they do (view,
+  commit, release, free: the labels the strategies gave them, matched in submission order, since
+  every stage applies every edit in that order). Times are rounded to whole nanoseconds *before*
+  durations are taken, so a slice that lies inside another still does after rounding.
+* `timeline(width)` — text for a terminal: one row per track, one column per time bucket, with
+  markers that can never be mistaken for a run id (`MARKERS`) and a legend.
+
+`TracedPipeline` wraps a pipeline to record what the head sends and receives (the labels of KV
+edits, answers, the messages themselves for `minipipe.viewer`); `TracedDraft` records the
+draft's work on the head's track where no virtual clock charges it (the process runtime).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 RUN_GLYPHS = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# timeline markers: none of them is a run glyph, so `x` is always run 33, never a cancellation
+MARKERS = {"cancel": "!", "kv": "~", "commit": "+", "submit": ">", "draft": "="}
+_PRIORITY = {"+": 5, "!": 4, ">": 3, "~": 2, "=": 1, ".": 0}  # which instant wins a shared bucket
+LEGEND = ("0-9a-zA-Z  work on a run (the run id's last base-62 digit: run 33 is 'x', run 46 is 'K')\n"
+          "!  a run cancelled or skipped (on a stage), a cancellation sent (head)\n"
+          "~  a KV edit applied (stage) or sent (head)    +  tokens committed    >  a run launched\n"
+          "=  the draft model at work                     .  idle")
 
 
 @dataclass
@@ -33,10 +56,15 @@ class Event:
     args: dict = field(default_factory=dict)
 
 
+def _track_order(track: str):
+    return (0, 0) if track == "head" else (1, int(track.split()[-1])) if track.startswith("stage") else (2, 0)
+
+
 class Tracer:
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self.events: list[Event] = []
+        self.kv_labels: list[str] = []  # what each KV message the head sent does, in submission order
 
     def record(self, track: str, name: str, start: float, end: float, kind: str = "run",
                run_id: int | None = None, **args) -> None:
@@ -57,36 +85,85 @@ class Tracer:
     # ------------------------------------------------------------------------------------------
 
     def tracks(self) -> list[str]:
-        def order(track: str):
-            return (0, 0) if track == "head" else (1, int(track.split()[-1])) if track.startswith("stage") else (2, 0)
-        return sorted({e.track for e in self.events}, key=order)
+        return sorted({e.track for e in self.events}, key=_track_order)
+
+    def stage_kv_labels(self) -> dict[int, str]:
+        """id(event) -> "view" / "commit" / ... for every stage KV event whose label is known: the
+        n-th KV event of a stage is the n-th KV message the head sent."""
+        out, seen = {}, {}
+        for e in self.events:  # each track's events are in the order the stage handled them
+            if e.kind == "kv" and e.track.startswith("stage"):
+                n = seen.get(e.track, 0)
+                seen[e.track] = n + 1
+                if n < len(self.kv_labels):
+                    out[id(e)] = self.kv_labels[n]
+        return out
 
     def write_chrome(self, path: str | Path) -> None:
-        """Chrome trace-event JSON: one thread per track, slices for work, instants for edits."""
+        """Chrome trace-event JSON (see the module docstring)."""
+        Path(path).write_text(json.dumps(self.chrome()))
+
+    def chrome(self) -> dict:
         tracks = self.tracks()
+        tid = {track: i for i, track in enumerate(tracks)}
         t0 = min((e.start for e in self.events), default=0.0)
+
+        def ns(t: float) -> int:  # whole nanoseconds since the first event: one grid for starts and ends
+            return round((t - t0) * 1e9)
+
+        def us(n: int) -> float:
+            return round(n / 1000, 3)
+
+        labels = self.stage_kv_labels()
         out = [{"name": "process_name", "ph": "M", "pid": 1, "args": {"name": "minipipe"}}]
-        for tid, track in enumerate(tracks):
-            out.append({"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": track}})
-            out.append({"name": "thread_sort_index", "ph": "M", "pid": 1, "tid": tid, "args": {"sort_index": tid}})
+        for track in tracks:
+            out.append({"name": "thread_name", "ph": "M", "pid": 1, "tid": tid[track], "args": {"name": track}})
+            out.append({"name": "thread_sort_index", "ph": "M", "pid": 1, "tid": tid[track],
+                        "args": {"sort_index": tid[track]}})
+        hops: dict[int, list[tuple[int, int, int, int]]] = {}  # run id -> (start ns, end ns, tid, leg)
         for e in self.events:
-            common = {"name": e.name, "cat": e.kind, "pid": 1, "tid": tracks.index(e.track),
-                      "ts": round((e.start - t0) * 1e6, 3),
+            a, b = ns(e.start), ns(e.end)
+            name = f"{labels[id(e)]}: {e.name}" if id(e) in labels else e.name
+            common = {"name": name, "cat": e.kind, "pid": 1, "tid": tid[e.track], "ts": us(a),
                       "args": {**({"run_id": e.run_id} if e.run_id is not None else {}), **e.args}}
-            if e.end > e.start:
-                out.append({**common, "ph": "X", "dur": round((e.end - e.start) * 1e6, 3)})
+            if e.track == "head" and e.kind in ("submit", "answer") and e.run_id is not None \
+                    and not e.name.startswith("launch"):
+                b = a + 1000  # a 1 µs slice, so the run's arrows have something to attach to
+                hops.setdefault(e.run_id, []).append((a, b, tid[e.track], 0 if e.kind == "submit" else 2))
+                out.append({**common, "ph": "X", "dur": us(b - a)})
+            elif e.end > e.start:
+                out.append({**common, "ph": "X", "dur": us(b - a)})
+                if e.kind in ("run", "cancel") and e.track.startswith("stage") and e.run_id is not None:
+                    hops.setdefault(e.run_id, []).append((a, b, tid[e.track], 1))
             else:
                 out.append({**common, "ph": "i", "s": "t"})
-        Path(path).write_text(json.dumps({"traceEvents": out, "displayTimeUnit": "ms"}))
+                if e.kind == "cancel" and e.track.startswith("stage") and e.run_id is not None:
+                    # a skipped run (a stub passed on): a 1 µs slice carries the arrows through
+                    out.append({**common, "ph": "X", "dur": 1.0, "name": f"stub {e.run_id}"})
+                    hops.setdefault(e.run_id, []).append((a, a + 1000, tid[e.track], 1))
+        flow = 0
+        for run_id, visits in sorted(hops.items()):
+            # in the order the run travels: the head's submission, the stages in order, the answer
+            visits.sort(key=lambda v: (v[3], v[2] if v[3] == 1 else 0, v[0]))
+            for (a0, b0, t_from, _), (a1, b1, t_to, _) in zip(visits, visits[1:]):
+                flow += 1
+                # the arrow leaves from inside the source slice and lands inside the next one
+                out.append({"name": f"run {run_id}", "cat": "hop", "ph": "s", "id": flow, "pid": 1, "tid": t_from,
+                            "ts": us(max(a0, b0 - 1))})
+                out.append({"name": f"run {run_id}", "cat": "hop", "ph": "f", "bp": "e", "id": flow, "pid": 1,
+                            "tid": t_to, "ts": us(min(b1, a1 + 1))})
+        return {"traceEvents": out, "displayTimeUnit": "ms"}
 
-    def timeline(self, width: int = 100, kinds: tuple[str, ...] = ("run",)) -> str:
-        """A text timeline: one row per track, one column per time bucket.
+    def timeline(self, width: int = 100, kinds: tuple[str, ...] = ("run",), legend: bool = True) -> str:
+        """A text timeline: one row per track, one column per time bucket of the run's span.
 
-        A busy bucket shows the run id's last glyph (0-9a-zA-Z, cycling), `x` marks a
-        cancellation, `K` a KV edit, `C` a commit; `.` is idle.
+        A bucket where a stage works on a run shows the run id's glyph (`RUN_GLYPHS`, cycling);
+        markers (`MARKERS`, never a run glyph) show cancellations, KV edits, commits, launches
+        and drafting; `.` is idle. `kinds`: the slice kinds drawn as run glyphs.
         """
         if not self.events:
             return "(no events)"
+        width = max(10, int(width))
         t0 = min(e.start for e in self.events)
         t1 = max(e.end for e in self.events)
         span = max(t1 - t0, 1e-12)
@@ -95,22 +172,135 @@ class Tracer:
         label_width = max(len(t) for t in self.tracks())
         for track in self.tracks():
             cells = ["."] * width
+
+            def bucket(t: float) -> int:
+                return min(width - 1, int((t - t0) / step))
+
             for e in self.events:
                 if e.track != track:
                     continue
-                a = min(width - 1, int((e.start - t0) / step))
+                a = bucket(e.start)
                 b = min(width - 1, max(a, int((e.end - t0) / step - 1e-9)))
-                if e.kind in kinds and e.end > e.start:
+                if e.end > e.start and (e.kind in kinds or e.kind == "cancel"):
                     glyph = RUN_GLYPHS[e.run_id % len(RUN_GLYPHS)] if e.run_id is not None else "#"
                     for c in range(a, b + 1):
                         cells[c] = glyph
-                elif e.kind == "cancel":
-                    cells[a] = "x"
-                elif e.kind == "kv":
-                    cells[a] = "K" if cells[a] == "." else cells[a]
-                elif e.kind == "commit":
-                    cells[a] = "C"
+                    if e.kind == "cancel":
+                        cells[b] = MARKERS["cancel"]  # where the stage stopped it
+                elif e.end > e.start and e.kind == "draft":
+                    for c in range(a, b + 1):
+                        if cells[c] == ".":
+                            cells[c] = MARKERS["draft"]
+                elif e.end == e.start and e.kind in MARKERS:
+                    glyph = MARKERS[e.kind]
+                    if cells[a] not in _PRIORITY:  # a run glyph: only a cancellation or commit hides it
+                        if e.kind in ("cancel", "commit"):
+                            cells[a] = glyph
+                    elif _PRIORITY[glyph] > _PRIORITY[cells[a]]:
+                        cells[a] = glyph
             rows.append(f"{track:>{label_width}} |{''.join(cells)}|")
         unit, scale = ("ms", 1e3) if span < 10 else ("s", 1.0)
-        rows.append(f"{'':>{label_width}}  0{'':<{width - 12}}{span * scale:>10.2f} {unit}")
+        axis = f"{span * scale:.2f} {unit}"
+        rows.append(f"{'':>{label_width}}  0{axis:>{width}}")
+        if legend:
+            rows.append(LEGEND)
         return "\n".join(rows)
+
+
+class TracedPipeline:
+    """A pipeline that also records what the head sends and receives.
+
+    It forwards every call to `pipe` and keeps, in order: each message submitted (`log`: head
+    time, the message, and for KV edits their label), each answer received, and the label of
+    every KV message in `tracer.kv_labels` (so `Tracer.write_chrome` can name the stages' edits).
+    Subscribe `observe` to the engine's events: it learns each edit's label from `KVEdited`.
+    """
+
+    def __init__(self, pipe, tracer: Tracer | None = None):
+        self.pipe = pipe
+        self.tracer = tracer if tracer is not None else getattr(pipe, "tracer", None) or Tracer()
+        self.log: list[tuple[float, str, object, str | None]] = []  # (time, "submit"/"answer", msg, label)
+        self._labels: dict[int, tuple[object, str]] = {}  # id(edit) -> (edit, label); edits kept alive
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def observe(self, event) -> None:
+        """An engine listener: remember which label each KV edit was sent under."""
+        from .events import KVEdited
+
+        if isinstance(event, KVEdited):
+            for edit in event.edits:
+                self._labels[id(edit)] = (edit, event.label)
+
+    def submit(self, msg) -> None:
+        from .transport.messages import KVEdits, Run
+
+        label = None
+        if not isinstance(msg, Run):
+            edits = msg.edits if isinstance(msg, KVEdits) else [msg]
+            label = next((self._labels.pop(id(e))[1] for e in edits if id(e) in self._labels), "edit")
+            for e in edits:
+                self._labels.pop(id(e), None)
+            self.tracer.kv_labels.append(label)
+        self.log.append((self.pipe.now(), "submit", msg, label))
+        self.pipe.submit(msg)
+        if isinstance(msg, Run) and type(self.pipe).__name__ != "LocalPipeline":
+            self.tracer.instant("head", f"send run {msg.run_id}", self.log[-1][0], "submit", msg.run_id)
+
+    def submit_edits(self, edits: list) -> None:
+        from .transport.messages import KVEdits
+
+        if edits:
+            self.submit(KVEdits(list(edits)) if len(edits) > 1 else edits[0])
+
+    def receive(self):
+        answer = self.pipe.receive()
+        t = self.pipe.now()
+        self.log.append((t, "answer", answer, None))
+        self.tracer.instant("head", f"answer {answer.run_id}", t, "answer", answer.run_id)
+        return answer
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pipe.close()
+
+
+class TracedDraft:
+    """A draft source whose work is recorded as `draft` slices on the head's track (real time;
+    for the process runtime, where no virtual clock charges drafting). Every draft call goes
+    through `top`; consecutive calls merge into one slice. Forks are traced too."""
+
+    def __init__(self, inner, tracer: Tracer, now=time.monotonic):
+        self.inner, self.tracer, self.now = inner, tracer, now
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    @property
+    def tokens_computed(self) -> int:
+        return self.inner.tokens_computed
+
+    def fork(self, prompt):
+        return TracedDraft(self.inner.fork(prompt), self.tracer, self.now)
+
+    def reset(self, prompt) -> None:
+        self.inner.reset(prompt)
+
+    def top(self, context, k):
+        start = self.now()
+        out = self.inner.top(context, k)
+        end = self.now()
+        last = self.tracer.events[-1] if self.tracer.events else None
+        if last is not None and last.track == "head" and last.kind == "draft" and start - last.end < 50e-6:
+            last.end = end  # one drafting burst, one slice
+        else:
+            self.tracer.record("head", "draft", start, end, "draft")
+        return out
+
+    def propose_chain(self, context, k, min_confidence=0.0):
+        from .draft import DraftSource
+
+        return DraftSource.propose_chain(self, context, k, min_confidence)

@@ -9,8 +9,17 @@ charges time from this model, so 8 or more stages can be studied on a 2-core mac
     a message crossing one hop      hop_latency + bytes / hop_bandwidth
     a drafted token in the head     draft_per_token (strategies report their drafting)
 
-`calibrate` measures the first four on this machine for a given model and ring; add
-`extra_hop_latency` to mimic a slow interconnect.
+Two ways to get the numbers:
+
+* `fixed(config, draft_config)` — **the same costs on every machine**, computed from the models'
+  shapes on a nominal CPU (`NOMINAL`): a run streams each layer's weights once, and every row
+  costs that layer's multiply-adds. Timelines, narrations and counters of the local runtime are
+  then identical wherever the command runs (`minipipe generate --runtime local --cost fixed`, the
+  default, and every teaching command in the docs).
+* `calibrate(model, draft)` — measured on this machine (`--cost calibrated`): for studying what
+  this machine would do with more cores.
+
+`with_hop_latency` adds latency to every hop, to mimic a slow interconnect.
 """
 
 from __future__ import annotations
@@ -52,6 +61,42 @@ class CostModel:
                 f"(prefill {self.prefill_per_row * us:.1f} µs/row); head {self.head_fixed * us:.0f} µs + "
                 f"{self.head_per_row * us:.0f} µs/row; hop {self.hop_latency * us:.0f} µs + "
                 f"{self.hop_bandwidth / 1e9:.1f} GB/s; draft {self.draft_per_token * us:.0f} µs/token")
+
+
+# The nominal CPU of `fixed`: it streams weights from memory at WEIGHT_BYTES_PER_S and computes
+# FLOPS_PER_S multiply-adds x 2 per second, per core. Round numbers of the order of one core of
+# a laptop running NumPy; they only have to be the same everywhere.
+NOMINAL = {"weight_bytes_per_s": 10e9, "flops_per_s": 10e9, "per_call_s": 20e-6}
+
+
+def _layer_params(config) -> int:
+    """Weights of one decoder layer (q, k, v, o projections, gate, up, down)."""
+    D, F, H, KVH, HD = config.dim, config.ffn_dim, config.n_heads, config.n_kv_heads, config.head_dim
+    return D * (H + 2 * KVH) * HD + H * HD * D + 3 * D * F
+
+
+def _token_cost(config, rows: int = 1) -> float:
+    """Nominal seconds for `rows` rows through the whole model (every layer and the head)."""
+    layer = config.n_layers * (NOMINAL["per_call_s"] + 4 * _layer_params(config) / NOMINAL["weight_bytes_per_s"]
+                               + rows * 2 * _layer_params(config) / NOMINAL["flops_per_s"])
+    head = config.dim * config.vocab_size
+    return layer + NOMINAL["per_call_s"] + 4 * head / NOMINAL["weight_bytes_per_s"] + \
+        rows * 2 * head / NOMINAL["flops_per_s"]
+
+
+def fixed(config, draft_config=None) -> CostModel:
+    """Costs that depend only on the models' shapes (never on this machine): the nominal CPU
+    (`NOMINAL`) streams a layer's float32 weights once per run (`layer_fixed`) and computes its
+    multiply-adds once per row (`layer_per_row`); prompt rows cost a fifth of that (one GEMM over
+    the chunk); the LM head likewise. A drafted token costs one row through the whole draft model
+    (without a draft model — n-gram or oracle drafts — a tenth of one target token). Hops and KV
+    edits keep the defaults of `CostModel`. Deterministic: the same command prints the same times
+    on every machine."""
+    P, head = _layer_params(config), config.dim * config.vocab_size
+    w, f, call = NOMINAL["weight_bytes_per_s"], NOMINAL["flops_per_s"], NOMINAL["per_call_s"]
+    draft = _token_cost(draft_config) if draft_config is not None else 0.1 * _token_cost(config)
+    return CostModel(layer_fixed=call + 4 * P / w, layer_per_row=2 * P / f, prefill_per_row=2 * P / f / 5,
+                     head_fixed=call + 4 * head / w, head_per_row=2 * head / f, draft_per_token=draft)
 
 
 def _best(fn, repeats: int) -> float:

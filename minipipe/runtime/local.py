@@ -1,11 +1,14 @@
 """The local runtime: every stage in one process, advanced one step at a time.
 
 It uses the same `Stage` objects as the process runtime and computes the real arithmetic, but
-decides itself which stage moves next, so it is deterministic, steppable and traceable:
+decides itself which stage moves next, so it is steppable and traceable, and its schedule
+depends only on its cost model (fixed costs: the same everywhere; calibrated costs: measured
+anew on each run, so times differ between runs and machines):
 
 * **clock mode** (`cost=CostModel(...)`, the default): a discrete-event simulation on a virtual
-  clock. Each stage processes its input in order; a step (one layer of a run, or one KV edit)
-  starts when the stage is free and the message has arrived, and lasts what the cost model says;
+  clock. With fixed costs (`cost.fixed`, the command line's default) the same run gives the same
+  times, timelines and counters on every machine. Each stage processes its input in order; a
+  step (one layer of a run, or one KV edit) starts when the stage is free and the message has arrived, and lasts what the cost model says;
   a message reaches the next stage one hop later. The head's clock advances with its own work
   (`draft_work`) and when it waits for an answer. Stages are simulated lazily, up to the head's
   current time, whenever the head looks (`poll`, `receive`) or acts on timing (`cancel`).
@@ -90,6 +93,9 @@ class LocalPipeline(Pipeline):
         self.free_at = [0.0] * n
         self.clock = 0.0  # the head's time (virtual seconds, or steps in chooser mode)
         self.n_steps = 0
+        # called as watcher(stage, message, outputs, end time) whenever a stage has finished a
+        # message (walk-throughs read the stage's KV cache there: `self.stages[i].cache.cells()`)
+        self.watchers: list = []
 
     # ------------------------------------------------------------------------------------------
     # the head's side
@@ -259,6 +265,8 @@ class LocalPipeline(Pipeline):
             return []
         self.current[i] = None
         self._record_finish(i, job, outputs, end)
+        for watcher in self.watchers:
+            watcher(i, job.msg, outputs, end)
         for out in outputs:
             arrival = end if self.cost is None else end + self.cost.hop(message_bytes(out, self.dim))
             if i + 1 < len(self.stages):
