@@ -3,8 +3,9 @@
 Terms:
 
 * **row** — one token to run through the model: its id, its position, the sequences it belongs
-  to (which decides what it attends to, see `minipipe.kvcache`), and whether the head should
-  return its logits.
+  to (which decides what it attends to, see `minipipe.kvcache`), whether the last stage should
+  choose the next token after it, and how (greedy, or sampled with its request's seed and
+  settings: `kernels.choose_rows`).
 * **prefill batch** — a chunk of the prompt (`kernels.prefill_chunks`), run with batched GEMM.
   Every other batch (a greedy step, a chain or tree of speculative rows) is a **decode batch**,
   whose rows are computed independently of each other (`kernels.linear_rows`).
@@ -27,6 +28,9 @@ class Batch:
     row_ids: np.ndarray | None = None  # [T] int64  optional names for the rows (SpecPipe's tree nodes):
     #                                    a stage drops rows whose id is marked cancelled, and results
     #                                    say which rows they answer
+    seeds: np.ndarray | None = None  # [T] uint64  each row's request seed (sampling only)
+    sampling: np.ndarray | None = None  # [T, 4] float32  temperature, top_k, top_p, min_p per row
+    #                                     (kernels.SAMPLING_FIELDS); None: every row is greedy
 
     def __post_init__(self) -> None:
         T = self.tokens.shape[0]
@@ -34,12 +38,16 @@ class Batch:
             f"{self.tokens.shape=} {self.positions.shape=} {self.want_logits.shape=}")
         assert len(self.seq_ids) == T, f"{len(self.seq_ids)=} != {T=}"
         assert self.row_ids is None or self.row_ids.shape == (T,), f"{self.row_ids.shape=}"
+        assert (self.seeds is None) == (self.sampling is None), "seeds and sampling go together"
+        assert self.sampling is None or self.sampling.shape == (T, 4), f"{self.sampling.shape=}"
 
     def select(self, keep: np.ndarray) -> "Batch":
         """The rows where `keep` is True (a boolean mask over rows)."""
         return Batch(tokens=self.tokens[keep], positions=self.positions[keep],
                      seq_ids=tuple(s for s, k in zip(self.seq_ids, keep) if k), want_logits=self.want_logits[keep],
-                     prefill=self.prefill, row_ids=None if self.row_ids is None else self.row_ids[keep])
+                     prefill=self.prefill, row_ids=None if self.row_ids is None else self.row_ids[keep],
+                     seeds=None if self.seeds is None else self.seeds[keep],
+                     sampling=None if self.sampling is None else self.sampling[keep])
 
     @property
     def n_rows(self) -> int:

@@ -14,8 +14,11 @@ The context is always the full token list (prompt + committed + the speculative 
 | `OracleDraft`   | the target's true greedy continuation, right   | tests and benchmarks:          |
 |                 | with probability p per position, else wrong    | controlled acceptance          |
 
-A draft never affects which tokens are emitted (only the target's argmax is committed); it only
-decides how much speculative work is useful.
+A draft never affects which tokens are emitted (only the target's own choice — its argmax, or its
+keyed Gumbel-max sample — is committed); it only decides how much speculative work is useful.
+When a request samples, every source drafts *coupled*: it ranks guesses with the same noise the
+target's sample at that position uses (`fork(prompt, sampling)`), which keeps acceptance high
+when draft and target agree in distribution.
 """
 
 from __future__ import annotations
@@ -30,20 +33,27 @@ from . import kernels
 from .batch import Batch
 from .errors import InputError
 from .model import StageModel
+from .sampling import GREEDY, Sampling
 
 Guess = tuple[int, float]  # (token, the draft's probability for it)
 
 
 class DraftSource:
     name = "?"
+    sampling: Sampling = GREEDY  # the request's settings: guesses are ranked by its keyed noise
 
     def reset(self, prompt: Sequence[int]) -> None:
         """A new generation starts after `prompt`."""
 
-    def fork(self, prompt: Sequence[int]) -> "DraftSource":
+    def fork(self, prompt: Sequence[int], sampling: Sampling | None = None) -> "DraftSource":
         """A source for one new request after `prompt`, with its own state (a draft model's
-        cache, an oracle's continuation) and shared, read-only parts (the weights)."""
+        cache, an oracle's continuation) and shared, read-only parts (the weights).
+
+        With `sampling`, the source drafts *coupled*: it ranks its guesses by its own scores plus
+        the same Gumbel noise the target's sample at that position will use (`minipipe.sampling`),
+        so when draft and target agree in distribution they tend to pick the same token."""
         clone = copy.copy(self)
+        clone.sampling = GREEDY if sampling is None else sampling
         clone.reset(prompt)
         return clone
 
@@ -103,9 +113,11 @@ class DraftModel(DraftSource):
         self.cache.clear()
         self.cached, self.last_probs = [], None
 
-    def fork(self, prompt: Sequence[int]) -> "DraftModel":
+    def fork(self, prompt: Sequence[int], sampling: Sampling | None = None) -> "DraftModel":
         """The same weights, a cache of its own."""
-        return DraftModel(self.model, self.vocab)
+        clone = DraftModel(self.model, self.vocab)
+        clone.sampling = GREEDY if sampling is None else sampling
+        return clone
 
     def distribution(self, context: Sequence[int]) -> np.ndarray:
         """The draft's next-token probabilities after `context`, over the ids the target knows.  -> [V']"""
@@ -128,13 +140,21 @@ class DraftModel(DraftSource):
         if not prefill:  # a long suffix is the prompt: its cost overlaps the target's prefill
             self.n_rows += len(new)
         self.cached = context
-        self.last_probs = kernels.softmax(logits[-1])[: self.vocab]  # ids the target cannot embed: never
+        self.last_logits = logits[-1][: self.vocab]  # [V'] ids the target cannot embed: never
+        self.last_probs = kernels.softmax(logits[-1])[: self.vocab]
         return self.last_probs
 
     def top(self, context: Sequence[int], k: int) -> list[Guess]:
+        """The k best guesses: by probability, or (sampling) by the coupled perturbed scores,
+        each with the draft's probability at the request's temperature."""
         probs = self.distribution(context)
-        best = np.argsort(-probs, kind="stable")[:k]
-        return [(int(t), float(probs[t])) for t in best]
+        if self.sampling.greedy:
+            best = np.argsort(-probs, kind="stable")[:k]
+            return [(int(t), float(probs[t])) for t in best]
+        scores = self.sampling.scores(self.last_logits, len(context))  # [V'] -inf outside the filters
+        best = [t for t in np.argsort(-scores, kind="stable")[:k] if np.isfinite(scores[t])]
+        tempered = kernels.softmax((self.last_logits / np.float32(self.sampling.temperature))[None, :])[0]
+        return [(int(t), float(tempered[t])) for t in best]
 
 
 class NgramDraft(DraftSource):
@@ -165,13 +185,19 @@ class NgramDraft(DraftSource):
                     followers[nxt] = followers.get(nxt, 0) + 1
             if followers:
                 total = sum(followers.values())
-                ranked = sorted(order, key=lambda t: -followers[t])  # stable: recency breaks ties
+                if self.sampling.greedy:
+                    ranked = sorted(order, key=lambda t: -followers[t])  # stable: recency breaks ties
+                else:  # coupled: the followers' log-frequencies plus the target's noise at this position
+                    noise = kernels.gumbel_noise_at(self.sampling.seed, len(ctx), order)
+                    score = {t: np.log(followers[t] / total) / self.sampling.temperature + float(g)
+                             for t, g in zip(order, noise)}
+                    ranked = sorted(order, key=lambda t: -score[t])
                 return [(t, followers[t] / total) for t in ranked[:k]]
         return []
 
 
 class OracleDraft(DraftSource):
-    """Knows the target's greedy continuation; its first guess at each position is right with
+    """Knows the target's continuation (greedy, or sampled with the request's seed); its first guess at each position is right with
     probability `p` (decided once per position, by a seeded coin).
 
     When the first guess is wrong, the right token may still come later in its ranking: at each
@@ -202,9 +228,10 @@ class OracleDraft(DraftSource):
         if self.truth_of is not None:
             self.truth = [int(t) for t in self.truth_of(list(prompt))]
 
-    def fork(self, prompt: Sequence[int]) -> "OracleDraft":
+    def fork(self, prompt: Sequence[int], sampling: Sampling | None = None) -> "OracleDraft":
         clone = copy.copy(self)
         clone.n_calls = 0
+        clone.sampling = GREEDY if sampling is None else sampling
         clone.reset(prompt)
         return clone
 

@@ -292,7 +292,8 @@ class Engine:
                       seq_ids=tuple(s for b in batches for s in b.seq_ids),
                       want_logits=np.concatenate([b.want_logits for b in batches]),
                       prefill=batches[0].prefill,
-                      row_ids=np.concatenate([b.row_ids for b in batches]))
+                      row_ids=np.concatenate([b.row_ids for b in batches]),
+                      **self._sampling_rows(parts))
         run_id = self.pipe.new_run_id()
         speculative = any(p.kind not in ("prefill", "plain") for p in parts)
         self.pipe.submit(Run(run_id, batch, speculative=speculative))
@@ -302,6 +303,18 @@ class Engine:
         self.inflight.append(flight)
         for key in flight.live_keys:
             self.flight_of[key] = flight
+
+    @staticmethod
+    def _sampling_rows(parts: list[Part]) -> dict:
+        """Each row's seed and sampling settings, its request's (none when every row is greedy)."""
+        requests = [p.decoder.request for p in parts]
+        if not any(r.samples for r in requests):
+            return {}
+        seeds = [np.full(p.batch.n_rows, r.sampling.seed if r.samples else 0, dtype=np.uint64)
+                 for p, r in zip(parts, requests)]
+        rows = [np.tile(r.sampling.row() if r.samples else np.zeros(4, np.float32), (p.batch.n_rows, 1))
+                for p, r in zip(parts, requests)]
+        return {"seeds": np.concatenate(seeds), "sampling": np.concatenate(rows)}
 
     # ------------------------------------------------------------------------------------------
     # 4. routing answers

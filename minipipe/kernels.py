@@ -549,3 +549,109 @@ def scratch() -> Scratch:
 def argmax_rows(logits: np.ndarray) -> np.ndarray:
     """Greedy choice per row; ties go to the lowest token id (NumPy's and torch's rule).  [T, V] -> [T]"""
     return np.argmax(logits, axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# choosing the next token: greedy, or exact sampling by the Gumbel-max trick
+#
+# Sampling from softmax(z / T) is the same as taking argmax(z / T + g), g i.i.d. standard Gumbel
+# noise over the vocabulary. The noise for the token at position p is a pure function of
+# (seed, p): Philox, a counter-based generator, keyed by the pair, its raw 64-bit words turned
+# into uniforms in (0, 1) and then into Gumbel noise, all in fixed float64 steps. So the sampled
+# token at p depends only on the context (the logits' bits) and the seed — like the greedy
+# argmax — and every strategy, batch, process and run chooses the same token. Top-k, top-p and
+# min-p restrict the candidates first (in that order, as transformers applies them); the
+# argmax then runs over the candidates only. Each row is chosen on its own with the same calls.
+
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p")  # the columns of a batch's `sampling`
+
+
+def gumbel_noise(seed: int, position: int, vocab: int) -> np.ndarray:
+    """Standard Gumbel noise for the token at `position` of a request seeded `seed`.  -> [V] float32
+
+    Token i's noise comes from word i of Philox4x64 keyed by (seed, position): the words of
+    counter block c are tokens 4c .. 4c+3, so any token's noise can also be computed alone
+    (`gumbel_noise_at`), with the same bits."""
+    key = np.array([int(seed) & 0xFFFFFFFFFFFFFFFF, int(position)], dtype=np.uint64)
+    return _gumbel(np.random.Philox(key=key).random_raw(vocab))  # [V] uint64 words, the counter-based stream
+
+
+def gumbel_noise_at(seed: int, position: int, tokens) -> np.ndarray:
+    """`gumbel_noise(seed, position, V)[tokens]` without drawing the whole vocabulary's noise.  -> [n]"""
+    key = np.array([int(seed) & 0xFFFFFFFFFFFFFFFF, int(position)], dtype=np.uint64)
+    words = [np.random.Philox(key=key, counter=np.array([t // 4, 0, 0, 0], dtype=np.uint64)).random_raw(4)[t % 4]
+             for t in (int(t) for t in tokens)]
+    return _gumbel(np.array(words, dtype=np.uint64))
+
+
+def _gumbel(words: np.ndarray) -> np.ndarray:
+    """uint64 words -> uniforms in (0, 1) (53 bits, centred in their interval) -> -log(-log(u)).  -> float32"""
+    uniform = ((words >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0 ** -53
+    return (-np.log(-np.log(uniform))).astype(f32)
+
+
+def sampling_candidates(scores: np.ndarray, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> np.ndarray:
+    """Tokens a sample may take, from temperature-scaled logits.  [V] -> [V] bool
+
+    top_k > 0: the k highest scores (ties at the k-th kept); top_p < 1: then the smallest set of
+    most probable tokens whose probability reaches top_p; min_p > 0: then the tokens at least
+    min_p times as probable as the most probable one. At least one token always remains.
+    """
+    keep = np.ones(scores.shape[0], dtype=bool)
+    if 0 < top_k < scores.shape[0]:
+        keep = scores >= np.partition(scores, -top_k)[-top_k]
+    if top_p < 1.0 or min_p > 0.0:
+        masked = np.where(keep, scores, -np.inf).astype(f32)
+        probs = softmax(masked[None, :])[0]  # [V]
+        if top_p < 1.0:
+            order = most_probable_first(probs, top_p)  # ties by token id
+            before = np.cumsum(probs[order]) - probs[order]  # probability of the tokens ahead of each
+            keep_sorted = before < top_p  # the first token always (before = 0)
+            keep = np.zeros_like(keep)
+            keep[order[keep_sorted]] = True
+            keep &= np.isfinite(masked)
+            probs = np.where(keep, probs, 0).astype(f32)
+        if min_p > 0.0:
+            keep &= probs >= f32(min_p) * probs.max()
+    return keep
+
+
+def most_probable_first(probs: np.ndarray, mass: float) -> np.ndarray:
+    """Token ids in descending probability (ties by ascending id), at least as many as it takes
+    to reach `mass`: the head of the full sorted order, without sorting the whole vocabulary
+    (the m most probable tokens, ties at the boundary included, m growing until they hold
+    `mass`). The head is exactly the full sort's head, so cumulative sums over it match.  -> [n]"""
+    V, m = probs.shape[0], 64
+    while m < V:
+        threshold = np.partition(probs, V - m)[V - m]  # the m-th largest probability
+        candidates = np.flatnonzero(probs >= threshold)  # ascending ids
+        order = candidates[np.argsort(-probs[candidates], kind="stable")]
+        if np.cumsum(probs[order])[-1] >= mass:
+            return order
+        m *= 4
+    return np.argsort(-probs, kind="stable")
+
+
+def choose_token(logits: np.ndarray, position: int, seed: int | None = None, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> int:
+    """The token at `position` after these logits: the argmax when temperature is 0, else the
+    Gumbel-max sample keyed by (seed, position).  [V] -> int"""
+    if temperature <= 0.0:
+        return int(np.argmax(logits))
+    scores = (logits / f32(temperature)).astype(f32)  # [V]
+    keep = sampling_candidates(scores, int(top_k), float(top_p), float(min_p))
+    perturbed = np.where(keep, scores + gumbel_noise(seed, position, scores.shape[0]), -np.inf)
+    return int(np.argmax(perturbed))
+
+
+def choose_rows(logits: np.ndarray, positions: np.ndarray, seeds: np.ndarray | None = None,
+                sampling: np.ndarray | None = None) -> np.ndarray:
+    """Each row's next token: greedy, or sampled with its own seed and settings.
+
+    logits [T, V]; positions [T] (of the tokens being chosen: a row's position + 1); seeds [T]
+    uint64 and sampling [T, 4] (`SAMPLING_FIELDS`) per row, or None for greedy.  -> [T] int64
+    """
+    if sampling is None or not np.any(sampling[:, 0] > 0):
+        return np.argmax(logits, axis=-1)
+    return np.array([choose_token(logits[i], int(positions[i]), int(seeds[i]), *(float(x) for x in sampling[i]))
+                     for i in range(logits.shape[0])], dtype=np.int64)

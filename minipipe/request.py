@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from .generation import Generation, TokenSink
 from .metrics import GenerationMetrics
+from .sampling import Sampling
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 
@@ -43,6 +44,7 @@ class Request:
     stop_ids: Sequence[int] = ()
     arrival_s: float = 0.0
     on_token: Callable[[int], None] | None = None  # called with each committed token, in order
+    sampling: Sampling | None = None  # None (or temperature 0): greedy
     # --- kept by the engine (times on the head's clock) ----------------------------------------
     state: str = WAITING
     arrived_at: float = 0.0  # when it arrived (the engine's start + arrival_s)
@@ -53,6 +55,11 @@ class Request:
 
     def __post_init__(self) -> None:
         self.prompt = [int(t) for t in self.prompt]
+
+    @property
+    def samples(self) -> bool:
+        """True when the request samples (temperature > 0) instead of decoding greedily."""
+        return self.sampling is not None and not self.sampling.greedy
 
     @property
     def done(self) -> bool:
@@ -75,6 +82,8 @@ class Request:
         assert self.sink is not None, f"request {self.id} was never admitted"
         result = self.sink.result()
         result.metrics.extra["queued_s"] = round(self.queued_s, 6)
+        if self.samples:
+            result.metrics.extra["sampling"] = self.sampling.to_dict()
         if self.stats is not None:
             result.metrics.extra["speculation"] = self.stats
         return result

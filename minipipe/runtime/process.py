@@ -188,7 +188,8 @@ def _record(events: list, track: str, msg, outputs, start: float, end: float) ->
 class ProcessPipeline(Pipeline):
     """Stages in their own processes. Use as a context manager: `with ProcessPipeline(...) as p:`.
 
-    max_rows: the most rows one run may carry (default: a prefill chunk); n_seqs: sequence ids
+    max_rows: the most rows one run may carry (default: a prefill chunk); row_seqs: the most
+    sequence ids one row holds (default n_seqs); n_seqs: sequence ids
     per stage cache (a row holds at most that many); logits_rows: rows of logits a Result may
     return (Run.return_logits; 0 by default). The rings are sized for these (`sizing.py`); a run
     beyond them is refused with an InputError. stage_timeout: seconds a stage may have work
@@ -198,7 +199,8 @@ class ProcessPipeline(Pipeline):
     def __init__(self, model_dir, n_stages: int | None = None, split: list[int] | None = None, n_seqs: int = 1,
                  max_rows: int = kernels.PREFILL_CHUNK, logits_rows: int = 0, blas_threads: int = 1,
                  tracer: Tracer | None = None, start_timeout: float = 120.0,
-                 stage_timeout: float | None = STAGE_TIMEOUT_S, cache_cells: int = 256, spin: float | None = None):
+                 stage_timeout: float | None = STAGE_TIMEOUT_S, cache_cells: int = 256, spin: float | None = None,
+                 row_seqs: int | None = None):
         self.config = config = load_config(model_dir)
         self.splits = split_layers(config.n_layers, n_stages, split)
         self.tracer = tracer if tracer is not None else Tracer(enabled=False)
@@ -211,7 +213,7 @@ class ProcessPipeline(Pipeline):
         self.answers: deque = deque()  # Results and Cancelled stubs read ahead of `receive`
         self.closed = False
         self.faulted = False  # a stage failed, died or stalled: close() does not wait for it
-        self.plan = plan_rings(config, self.n_stages, max_rows, n_seqs, logits_rows)
+        self.plan = plan_rings(config, self.n_stages, max_rows, n_seqs if row_seqs is None else row_seqs, logits_rows)
         self.stale_segments = shm.remove_stale()  # left by runs that were killed whole
         check_room(self.plan.total_bytes, self.n_stages)
         ctx = mp.get_context("spawn")

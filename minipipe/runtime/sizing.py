@@ -66,8 +66,8 @@ def plan_rings(config: ModelConfig, n_stages: int, max_rows: int = kernels.PREFI
         need = RECORDS_PER_RING * ring_mod.record_size(largest_payload)
         return max(RING_FLOOR, (need + 7) // 8 * 8)
 
-    first = capacity(run_bytes(max_rows, seq_ids))
-    between = capacity(run_bytes(max_rows, seq_ids, config.dim))
+    first = capacity(run_bytes(max_rows, seq_ids, sampling=True))  # rows may carry sampling settings
+    between = capacity(run_bytes(max_rows, seq_ids, config.dim, sampling=True))
     last = capacity(max(result_bytes(max_rows), result_bytes(min(logits_rows, max_rows), config.vocab_size)))
     return RingPlan([first] + [between] * (n_stages - 1) + [last], max_rows, n_seqs, logits_rows)
 

@@ -113,7 +113,9 @@ class Stage:
             return self._cancel(run, 0)
         if not self.is_last:
             return [Run(run.run_id, batch, out, run.return_logits, run.speculative)]
-        tokens = kernels.argmax_rows(out)  # [T'] greedy choice per wanted row
+        want = batch.want_logits  # the last stage chooses each wanted row's next token (no logits on the wire)
+        tokens = kernels.choose_rows(out, batch.positions[want] + 1, None if batch.seeds is None else batch.seeds[want],
+                                     None if batch.sampling is None else batch.sampling[want])  # [T']
         row_ids = None if batch.row_ids is None else batch.row_ids[batch.want_logits]
         return [Result(run.run_id, tokens, out if run.return_logits else None, row_ids)]
 

@@ -245,6 +245,10 @@ class Strategy(ABC):
         """The most rows one decode part of one request carries."""
         return 1
 
+    def max_row_seqs(self) -> int:
+        """The most sequence ids one row holds (a tree node belongs to every branch through it)."""
+        return 1
+
     def speculative_cells(self) -> int:
         """KV cells one request may hold beyond its committed text (speculation in flight)."""
         return 0
@@ -259,13 +263,14 @@ class Strategy(ABC):
 
 def generate(strategy: Strategy, pipe: Pipeline, prompt: Sequence[int], max_new_tokens: int,
              eos_ids: Sequence[int] = (), max_positions: int = 1 << 30,
-             on_token: Callable[[int], None] | None = None, listeners: Sequence[Callable[[Event], None]] = ()
-             ) -> Generation:
-    """Decode one request through `pipe` with `strategy` (the engine with a single request)."""
+             on_token: Callable[[int], None] | None = None, listeners: Sequence[Callable[[Event], None]] = (),
+             sampling=None) -> Generation:
+    """Decode one request through `pipe` with `strategy` (the engine with a single request);
+    greedy, or sampled with `sampling` (a `minipipe.sampling.Sampling`)."""
     from ..engine import Engine
     from ..request import Request
 
     engine = Engine(pipe, strategy, max_running=1, max_positions=max_positions, listeners=listeners)
-    request = engine.add(Request("0", prompt, max_new_tokens, tuple(eos_ids), on_token=on_token))
+    request = engine.add(Request("0", prompt, max_new_tokens, tuple(eos_ids), on_token=on_token, sampling=sampling))
     engine.run()
     return request.result()

@@ -92,7 +92,7 @@ class PipeInferDecoder(Decoder):
 
     def __init__(self, strategy: "PipeInferStrategy", request, seqs, head):
         super().__init__(strategy, request, seqs, head)
-        self.draft = strategy.draft.fork(request.prompt)
+        self.draft = strategy.draft.fork(request.prompt, request.sampling)
         self.buffers = KVMultiBuffer(n_partitions=strategy.max_inflight + 1, width=strategy.branches, base=self.seq)
         self.n_rejected = 0  # empty drafting attempts since the last accepted token
         self.burst = 0  # speculative runs launched since the last answer
@@ -345,6 +345,9 @@ class PipeInferStrategy(Strategy):
 
     def speculative_cells(self) -> int:
         return self.max_inflight * self.n_draft
+
+    def max_row_seqs(self) -> int:
+        return self.branches
 
     def decoder(self, request, seqs, head) -> PipeInferDecoder:
         return PipeInferDecoder(self, request, seqs, head)

@@ -71,7 +71,7 @@ class SpecPipeDecoder(Decoder):
 
     def __init__(self, strategy: "SpecPipeStrategy", request, seqs, head):
         super().__init__(strategy, request, seqs, head)
-        self.draft = strategy.draft.fork(request.prompt)
+        self.draft = strategy.draft.fork(request.prompt, request.sampling)
         self.free_seqs = deque(seqs[1:])  # sequence ids not held by a live node
         self.tip: TreeNode | None = None  # the newest committed node (its K/V cached or in flight)
         self.epoch = 0  # bumps at every miss: layers launched before it are stale

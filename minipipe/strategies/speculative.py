@@ -33,7 +33,7 @@ class VerifyDecoder(Decoder):
 
     def __init__(self, strategy: "TreeVerification", request, seqs, head):
         super().__init__(strategy, request, seqs, head)
-        self.draft = strategy.draft.fork(request.prompt)
+        self.draft = strategy.draft.fork(request.prompt, request.sampling)
         self.buffers = KVMultiBuffer(n_partitions=1, width=strategy.max_leaves, base=self.seq)
 
     def begin(self) -> None:
@@ -95,6 +95,9 @@ class TreeVerification(Strategy):
 
     def speculative_cells(self) -> int:
         return self.max_part_rows()
+
+    def max_row_seqs(self) -> int:
+        return self.max_leaves
 
 
 class SpeculativeStrategy(TreeVerification):

@@ -21,7 +21,8 @@ Byte format: a 64-byte header, then the kind's arrays, each padded to 8 bytes:
     header: magic u16 | kind u16 | flags u32 | run_id i64 | n_rows u32 | width u32 |
             n_seq_ids u32 | n_bytes u32 | args i64[4] | (padding to 64)
     Run:    tokens i64[T] | positions i64[T] | want_logits u8[T] | seq counts i32[T] |
-            seq ids i32[n_seq_ids] | row ids i64[T] (flag ROW_IDS) | hidden f32[T, width] (flag HIDDEN)
+            seq ids i32[n_seq_ids] | row ids i64[T] (flag ROW_IDS) |
+            seeds u64[T], sampling f32[T, 4] (flag SAMPLING) | hidden f32[T, width] (flag HIDDEN)
     Result: tokens i64[T] | row ids i64[T] (flag ROW_IDS) | logits f32[T, width] (flag LOGITS)
     KVEdits: i64[n_rows, 5] = (op 0 remove / 1 copy, seq or src, dst, p0, p1), -1 = none
     others: args in the header; text (UTF-8, n_bytes) for TraceEvents
@@ -54,7 +55,7 @@ assert HEADER.size == HEADER_BYTES
 RUN, RESULT, CANCELLED, KV_REMOVE, KV_COPY, READY = range(1, 7)  # kind 7 (a stage's error) is retired
 SHUTDOWN, TRACE, KV_EDITS = range(8, 11)
 # flags
-F_HIDDEN, F_LOGITS, F_PREFILL, F_RETURN_LOGITS, F_SPECULATIVE, F_ROW_IDS = 1, 2, 4, 8, 16, 32
+F_HIDDEN, F_LOGITS, F_PREFILL, F_RETURN_LOGITS, F_SPECULATIVE, F_ROW_IDS, F_SAMPLING = 1, 2, 4, 8, 16, 32, 64
 NONE = -1  # "no value" in the header's integer args (e.g. p1 = infinity)
 
 
@@ -159,11 +160,13 @@ def encode(msg: Message) -> list:
         n_seq_ids = flat.shape[0]
         flags = ((F_HIDDEN if msg.hidden is not None else 0) | (F_PREFILL if b.prefill else 0)
                  | (F_RETURN_LOGITS if msg.return_logits else 0) | (F_SPECULATIVE if msg.speculative else 0)
-                 | (F_ROW_IDS if b.row_ids is not None else 0))
+                 | (F_ROW_IDS if b.row_ids is not None else 0) | (F_SAMPLING if b.sampling is not None else 0))
         body += _bytes(b.tokens.astype(np.int64)) + _bytes(b.positions.astype(np.int64))
         body += _bytes(b.want_logits.astype(np.uint8)) + _bytes(counts) + _bytes(flat)
         if b.row_ids is not None:
             body += _bytes(b.row_ids.astype(np.int64))
+        if b.sampling is not None:
+            body += _bytes(b.seeds.astype(np.uint64)) + _bytes(b.sampling.astype(np.float32))
         if msg.hidden is not None:
             width = msg.hidden.shape[1]
             body += _bytes(msg.hidden.astype(np.float32, copy=False))
@@ -202,13 +205,13 @@ def encode(msg: Message) -> list:
     return [header] + body
 
 
-def run_bytes(n_rows: int, n_seq_ids: int, width: int = 0, row_ids: bool = True) -> int:
+def run_bytes(n_rows: int, n_seq_ids: int, width: int = 0, row_ids: bool = True, sampling: bool = False) -> int:
     """Encoded size of a Run of `n_rows` rows holding `n_seq_ids` sequence ids in all, with
-    hidden states of `width` floats per row (0: none) and row ids if `row_ids` (the format
-    above, array by array; rings are sized by it)."""
+    hidden states of `width` floats per row (0: none), row ids if `row_ids`, and sampling
+    settings if `sampling` (the format above, array by array; rings are sized by it)."""
     p = _pad8
     return (HEADER_BYTES + 2 * 8 * n_rows + p(n_rows) + p(4 * n_rows) + p(4 * n_seq_ids)
-            + (8 * n_rows if row_ids else 0) + p(4 * n_rows * width))
+            + (8 * n_rows if row_ids else 0) + (24 * n_rows if sampling else 0) + p(4 * n_rows * width))
 
 
 def result_bytes(n_rows: int, logits_width: int = 0, row_ids: bool = True) -> int:
@@ -252,11 +255,13 @@ def decode(payload: memoryview) -> Message:
         if counts.sum() != flat.shape[0] or (counts < 1).any():
             raise CorruptMessage("sequence-id counts do not match the ids")
         row_ids = r.array(np.int64, T) if flags & F_ROW_IDS else None
+        seeds = r.array(np.uint64, T) if flags & F_SAMPLING else None
+        sampling = r.array(np.float32, 4 * T, (T, 4)) if flags & F_SAMPLING else None
         bounds = np.concatenate([[0], np.cumsum(counts)])
         seq_ids = tuple(tuple(int(s) for s in flat[bounds[i]: bounds[i + 1]]) for i in range(T))
         hidden = r.array(np.float32, T * width, (T, width)) if flags & F_HIDDEN else None
         batch = Batch(tokens=tokens, positions=positions, seq_ids=seq_ids, want_logits=want,
-                      prefill=bool(flags & F_PREFILL), row_ids=row_ids)
+                      prefill=bool(flags & F_PREFILL), row_ids=row_ids, seeds=seeds, sampling=sampling)
         return Run(run_id, batch, hidden, bool(flags & F_RETURN_LOGITS), bool(flags & F_SPECULATIVE))
     if kind == RESULT:
         tokens = r.array(np.int64, T)
