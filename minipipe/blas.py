@@ -7,11 +7,12 @@ NumPy exposes no API for the thread count, so this module calls OpenBLAS's own
 `scipy-openblas` builds that NumPy wheels ship). Where no OpenBLAS is found (another BLAS),
 `set_threads` reports False and `minipipe doctor` says so.
 
-BLAS itself stays on one thread for everything minipipe computes. Decode GEMVs may still use
-several cores (`minipipe generate --threads N`): `ColumnTeam` runs one GEMV's column ranges on
-threads of its own, each a one-thread BLAS call, at boundaries chosen so the bits do not change
-(`minipipe.kernels.column_chunks`). OpenBLAS's own threads split GEMVs at places that do change
-them.
+BLAS stays on one thread for everything minipipe computes except decode GEMVs under
+`minipipe generate --threads N` (`minipipe.kernels.gemv_rows`): OpenBLAS's own threads run a
+GEMV whose padded width is a multiple of 16 x N (its even split then keeps the bits of one
+thread), and `ColumnTeam` runs the column ranges of other GEMVs on threads of minipipe's own,
+each a one-thread BLAS call, split where the bits do not change
+(`minipipe.kernels.column_chunks`).
 """
 
 from __future__ import annotations

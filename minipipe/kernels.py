@@ -44,13 +44,13 @@ the former about 1.6x faster on one core (19-20 GB/s against 12 here), and decod
 the batch, and shows which other layouts (slices of the cache, misaligned or strided copies)
 would not.
 
-BLAS runs on one thread in every process (see `minipipe.blas`): prefill GEMMs because their
-bits depend on the thread count, and GEMVs because OpenBLAS's own threads split them at places
-that change the bits too. Decode GEMVs may still use several cores (`minipipe generate
---threads`, `set_gemv_threads`): minipipe's own threads each run a one-thread GEMV on a column
-range (`column_chunks`), and `minipipe doctor` checks that the bits are those of one thread.
-`minipipe doctor` checks the policy on the running machine and measures what it costs against
-plain GEMM.
+BLAS runs on one thread (see `minipipe.blas`) except inside decode GEMVs with
+`set_gemv_threads(n)` (`minipipe generate --threads`): prefill GEMMs' bits depend on the thread
+count. A decode GEMV on n threads keeps the bits of one thread: OpenBLAS's own threads run it
+when its padded width is a multiple of 16·n (they split it evenly, so at multiples of 16),
+minipipe's threads run column ranges split at multiples of 16 otherwise (`column_chunks`), and
+`minipipe doctor` checks both. `minipipe doctor` checks the policy on the running machine and
+measures what it costs against plain GEMM.
 
 Shapes use the glossary in `minipipe.config`.
 """
@@ -198,7 +198,7 @@ def _padded(a: np.ndarray) -> np.ndarray:
 # linear layers
 
 
-SPLIT_MIN_BYTES = 256 * 1024  # a GEMV is split only into column ranges of at least this much weight
+SPLIT_MIN_BYTES = 1024 * 1024  # a GEMV is split only into column ranges of at least this much weight
 CALLER_SHARE = 1.25  # the calling thread's range, relative to a worker's (workers start late: a wake-up)
 
 
