@@ -29,6 +29,42 @@ def _parse_ids(text: str) -> list[int]:
         raise InputError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
 
 
+def add_speculation_flags(parser: argparse.ArgumentParser) -> None:
+    """The draft and speculation flags (`generate` and `serve` share them)."""
+    spec = parser.add_argument_group("speculation (speculative, tree, pipeinfer, specpipe)")
+    spec.add_argument("--draft", metavar="N|SOURCE", action="append",
+                      help="may be given twice. A number: the most tokens drafted per verification or run (default 4; pipeinfer 16, "
+                           "as in the original, whose README suggests 3-8); otherwise the draft source, as for "
+                           "--draft-model")
+    spec.add_argument("--draft-model", metavar="SOURCE",
+                      help="where drafts come from: a checkpoint directory or model name sharing the target's "
+                           "tokenizer (default: the shipped tinybard-draft), 'ngram' (prompt lookup, no model), "
+                           "or 'oracle:P' (the target's own greedy tokens, each right with probability P: for "
+                           "tests and benchmarks)")
+    spec.add_argument("--p-accept", type=float, metavar="P",
+                      help="stop drafting when the draft's own top probability falls below P (adaptive "
+                           "speculation length; llama.cpp's --draft-p-min). Default 0 (always draft --draft "
+                           "tokens); pipeinfer 0.5. Lower drafts more, wasting more work on rejections")
+    spec.add_argument("--p-split", type=float, default=0.1, metavar="P",
+                      help="pipeinfer: an alternative above P opens a new branch, up to --branches (default 0.1)")
+    spec.add_argument("--p-recovery", type=float, default=0.0, metavar="P",
+                      help="pipeinfer: raise the cutoff by P per run launched in one burst, so long-diverged "
+                           "speculation stops (default 0)")
+    spec.add_argument("--p-decay", type=float, default=0.0, metavar="P",
+                      help="pipeinfer: lower the cutoff by P per empty drafting attempt, to fill idle time (default 0)")
+    spec.add_argument("--branches", type=int, default=1, metavar="N",
+                      help="pipeinfer: most branches per speculative run (default 1; the original suggests 3-4 at most)")
+    spec.add_argument("--max-inflight", type=int, default=16, metavar="N",
+                      help="pipeinfer: most runs in flight at once (default 16)")
+    spec.add_argument("--width", type=int, default=4, metavar="W",
+                      help="specpipe: nodes per new tree layer, the width budget (default 4). Wider trees hit "
+                           "more often but cost more rows per step")
+    spec.add_argument("--tree-schedule", metavar="K1,K2,...", default="1,1,3,1,1,1,1,1",
+                      help="tree: children per leaf at each depth (default SpecInfer's 1,1,3,1,1,1,1,1)")
+    spec.add_argument("--tree-budget", type=int, metavar="N",
+                      help="tree: grow best-first by path probability up to N nodes instead of a schedule")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minipipe",
@@ -108,38 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(prompt, token budget, its strategy's speculation) fit beside the running ones "
                           "(default: no limit)")
 
-    spec = gen.add_argument_group("speculation (speculative, tree, pipeinfer, specpipe)")
-    spec.add_argument("--draft", metavar="N|SOURCE", action="append",
-                      help="may be given twice. A number: the most tokens drafted per verification or run (default 4; pipeinfer 16, "
-                           "as in the original, whose README suggests 3-8); otherwise the draft source, as for "
-                           "--draft-model")
-    spec.add_argument("--draft-model", metavar="SOURCE",
-                      help="where drafts come from: a checkpoint directory or model name sharing the target's "
-                           "tokenizer (default: the shipped tinybard-draft), 'ngram' (prompt lookup, no model), "
-                           "or 'oracle:P' (the target's own greedy tokens, each right with probability P: for "
-                           "tests and benchmarks)")
-    spec.add_argument("--p-accept", type=float, metavar="P",
-                      help="stop drafting when the draft's own top probability falls below P (adaptive "
-                           "speculation length; llama.cpp's --draft-p-min). Default 0 (always draft --draft "
-                           "tokens); pipeinfer 0.5. Lower drafts more, wasting more work on rejections")
-    spec.add_argument("--p-split", type=float, default=0.1, metavar="P",
-                      help="pipeinfer: an alternative above P opens a new branch, up to --branches (default 0.1)")
-    spec.add_argument("--p-recovery", type=float, default=0.0, metavar="P",
-                      help="pipeinfer: raise the cutoff by P per run launched in one burst, so long-diverged "
-                           "speculation stops (default 0)")
-    spec.add_argument("--p-decay", type=float, default=0.0, metavar="P",
-                      help="pipeinfer: lower the cutoff by P per empty drafting attempt, to fill idle time (default 0)")
-    spec.add_argument("--branches", type=int, default=1, metavar="N",
-                      help="pipeinfer: most branches per speculative run (default 1; the original suggests 3-4 at most)")
-    spec.add_argument("--max-inflight", type=int, default=16, metavar="N",
-                      help="pipeinfer: most runs in flight at once (default 16)")
-    spec.add_argument("--width", type=int, default=4, metavar="W",
-                      help="specpipe: nodes per new tree layer, the width budget (default 4). Wider trees hit "
-                           "more often but cost more rows per step")
-    spec.add_argument("--tree-schedule", metavar="K1,K2,...", default="1,1,3,1,1,1,1,1",
-                      help="tree: children per leaf at each depth (default SpecInfer's 1,1,3,1,1,1,1,1)")
-    spec.add_argument("--tree-budget", type=int, metavar="N",
-                      help="tree: grow best-first by path probability up to N nodes instead of a schedule")
+    add_speculation_flags(gen)
     gen.add_argument("--chat", action="store_true",
                      help="treat PROMPT as a user message and apply the model's chat template "
                           "(chat_template in tokenizer_config.json) before tokenizing")
@@ -155,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .pull import add_pull_parser
 
     add_pull_parser(sub)
+    from .serve import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -555,8 +563,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .pull import cmd_pull
+    from .serve import cmd_serve
 
-    handlers = {"generate": cmd_generate, "doctor": cmd_doctor, "pull": cmd_pull}
+    handlers = {"generate": cmd_generate, "doctor": cmd_doctor, "pull": cmd_pull, "serve": cmd_serve}
     try:
         return handlers[args.command](args)
     except MinipipeError as e:
