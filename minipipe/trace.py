@@ -211,7 +211,8 @@ class TracedPipeline:
     """A pipeline that also records what the head sends and receives.
 
     It forwards every call to `pipe` and keeps, in order: each message submitted (`log`: head
-    time, the message, and for KV edits their label), each answer received, and the label of
+    time, the message, and for KV edits their label), each cancellation, each answer received,
+    and the label of
     every KV message in `tracer.kv_labels` (so `Tracer.write_chrome` can name the stages' edits).
     Subscribe `observe` to the engine's events: it learns each edit's label from `KVEdited`.
     """
@@ -219,7 +220,8 @@ class TracedPipeline:
     def __init__(self, pipe, tracer: Tracer | None = None):
         self.pipe = pipe
         self.tracer = tracer if tracer is not None else getattr(pipe, "tracer", None) or Tracer()
-        self.log: list[tuple[float, str, object, str | None]] = []  # (time, "submit"/"answer", msg, label)
+        # (head time, "submit" / "cancel" / "answer", the message or run id, a KV message's label)
+        self.log: list[tuple[float, str, object, str | None]] = []
         self._labels: dict[int, tuple[object, str]] = {}  # id(edit) -> (edit, label); edits kept alive
 
     def __getattr__(self, name):
@@ -254,6 +256,10 @@ class TracedPipeline:
         if edits:
             self.submit(KVEdits(list(edits)) if len(edits) > 1 else edits[0])
 
+    def cancel(self, run_id: int) -> None:
+        self.pipe.cancel(run_id)
+        self.log.append((self.pipe.now(), "cancel", run_id, None))
+
     def receive(self):
         answer = self.pipe.receive()
         t = self.pipe.now()
@@ -283,15 +289,15 @@ class TracedDraft:
     def tokens_computed(self) -> int:
         return self.inner.tokens_computed
 
-    def fork(self, prompt):
-        return TracedDraft(self.inner.fork(prompt), self.tracer, self.now)
+    def fork(self, *args, **kwargs):
+        return TracedDraft(self.inner.fork(*args, **kwargs), self.tracer, self.now)
 
-    def reset(self, prompt) -> None:
-        self.inner.reset(prompt)
+    def reset(self, *args, **kwargs) -> None:
+        self.inner.reset(*args, **kwargs)
 
-    def top(self, context, k):
+    def top(self, *args, **kwargs):
         start = self.now()
-        out = self.inner.top(context, k)
+        out = self.inner.top(*args, **kwargs)
         end = self.now()
         last = self.tracer.events[-1] if self.tracer.events else None
         if last is not None and last.track == "head" and last.kind == "draft" and start - last.end < 50e-6:
@@ -300,7 +306,6 @@ class TracedDraft:
             self.tracer.record("head", "draft", start, end, "draft")
         return out
 
-    def propose_chain(self, context, k, min_confidence=0.0):
-        from .draft import DraftSource
-
-        return DraftSource.propose_chain(self, context, k, min_confidence)
+    def propose_chain(self, *args, **kwargs):
+        # the source's own method, run on this wrapper so that its calls to `top` are timed
+        return type(self.inner).propose_chain(self, *args, **kwargs)
