@@ -19,7 +19,8 @@ import sys
 
 from .errors import InputError, MinipipeError
 
-STRATEGIES = ("greedy", "pipeline", "speculative", "tree", "pipeinfer", "specpipe")
+STRATEGIES = ("greedy", "sequential", "pipeline", "speculative", "tree", "pipeinfer", "specpipe")
+ORACLES = ("greedy", "sequential")  # one process, one token at a time: the oracle (named "sequential" when sampling)
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -65,6 +66,40 @@ def add_speculation_flags(parser: argparse.ArgumentParser) -> None:
                       help="tree: grow best-first by path probability up to N nodes instead of a schedule")
 
 
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """Sampling flags (defaults: the checkpoint's generation_config.json, read as transformers does)."""
+    group = parser.add_argument_group("sampling (exact: every strategy emits the tokens of sequential sampling "
+                                      "with the same seed)")
+    group.add_argument("--temperature", type=float, metavar="T",
+                       help="0: greedy; above 0: sample from softmax(logits / T) (default: the checkpoint's "
+                            "generation_config.json when it samples, else 0)")
+    group.add_argument("--top-k", type=int, metavar="K", help="sample among the K most probable tokens (0: all)")
+    group.add_argument("--top-p", type=float, metavar="P",
+                       help="sample among the fewest most probable tokens holding probability P (1: all)")
+    group.add_argument("--min-p", type=float, metavar="P",
+                       help="sample among tokens at least P times as probable as the most probable (0: all)")
+    group.add_argument("--seed", type=int, metavar="N",
+                       help="the sampling seed: the same seed gives the same text with every strategy "
+                            "(default: a random one, reported on stderr and in --json metrics)")
+    group.add_argument("--verify", choices=("coupled", "independent", "mss"), default="coupled",
+                       help="speculative and tree, when sampling: coupled (default: the draft ranks with the "
+                            "target's own noise, drafts are accepted when they equal the target's sample: the "
+                            "text equals sequential sampling), independent (the draft samples with noise of its "
+                            "own, same acceptance rule, same text), or mss (SpecInfer's multi-step speculative "
+                            "sampling on independent drafts: the same distribution, not the same text)")
+
+
+def sampling_from_args(args, model_dir):
+    """The run's Sampling: the checkpoint's defaults, overridden by the flags given."""
+    from dataclasses import replace
+
+    from .sampling import from_generation_config
+
+    base = from_generation_config(model_dir)
+    given = {f: getattr(args, f) for f in ("temperature", "top_k", "top_p", "min_p") if getattr(args, f) is not None}
+    return replace(base, **given).with_seed(args.seed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minipipe",
@@ -90,12 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="do not stop at end-of-sequence tokens: generate --max-new-tokens tokens (unless the "
                           "context fills), as benchmarks want (llama.cpp's --ignore-eos)")
     gen.add_argument("--strategy", choices=STRATEGIES, default="greedy",
-                     help="decoding strategy: greedy (single process, the oracle; default), pipeline "
+                     help="decoding strategy: greedy, or its other name sequential (single process, one token "
+                          "at a time: the oracle; default), pipeline "
                           "(plain pipeline parallelism over --stages processes), speculative (draft a chain, "
                           "verify it in one pass), tree (SpecInfer: draft a token tree, verify it in one pass), pipeinfer "
                           "(asynchronous continuous speculation with early cancellation), specpipe (a token tree that "
                           "fills the pipeline one layer per step, with pruning). "
-                          "Every strategy emits exactly the greedy tokens")
+                          "Every strategy emits exactly the oracle's tokens, greedy or sampled with a seed")
     gen.add_argument("--stages", type=int, metavar="N",
                      help="pipeline stages, one OS process each (default: 2 for pipelined strategies)")
     gen.add_argument("--split", metavar="A,B,...",
@@ -131,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "splitting the columns at places that keep the bits of one thread; prefill always uses "
                           "1 so the prompt's K/V match every other strategy's. Pipeline stages use one thread each")
     gen.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
+    add_sampling_flags(gen)
     gen.add_argument("--requests", metavar="FILE",
                      help="serve the requests of a JSON Lines file instead of one PROMPT: one object per line, "
                           '{"id": ..., "prompt": "..."} or {"prompt_ids": [...]}, optional "max_new_tokens" and '
@@ -252,9 +289,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .request import Request
 
-    request = Request("0", prompt_ids, args.max_new_tokens, eos_ids, on_token=on_token)
+    sampling = sampling_from_args(args, args.model)
+    request = Request("0", prompt_ids, args.max_new_tokens, eos_ids, on_token=on_token, sampling=sampling)
     result = _run_strategy(args, config, [request], show_progress)[0].result()
-    if args.strategy != "greedy":
+    if args.strategy not in ORACLES:
         result.metrics.extra["runtime"] = args.runtime
         result.metrics.extra["n_stages"] = args.n_stages_used
     if bar is not None:
@@ -274,7 +312,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         sys.stdout.flush()
         if not args.quiet:
-            print(f"[{args.strategy}] {result.metrics.summary()}, stopped by {result.stop_reason}", file=sys.stderr)
+            sampled = f", sampled with {sampling.to_dict()}" if request.samples else ""
+            print(f"[{args.strategy}] {result.metrics.summary()}, stopped by {result.stop_reason}{sampled}",
+                  file=sys.stderr)
             if "speculation" in result.metrics.extra:
                 print(f"[{args.strategy}] {result.metrics.extra['speculation'].summary()}", file=sys.stderr)
     if args.timeline:
@@ -300,7 +340,7 @@ def cmd_requests(args: argparse.Namespace) -> int:
         tokenizer = None  # prompt_ids only
     eos_ids = () if args.ignore_eos else tokenizer.eos_ids if tokenizer is not None else config.eos_ids
     requests = read_requests(args.requests, tokenizer, config.vocab_size, config.max_positions, args.max_new_tokens,
-                             eos_ids)
+                             eos_ids, sampling_from_args(args, args.model), args.seed)
     bar = None
     if not args.quiet and sys.stderr.isatty():
         from tqdm import tqdm
@@ -346,7 +386,7 @@ def summary_of(requests, args) -> dict:
 
     out = summarize(requests)
     out["strategy"] = args.strategy
-    if args.strategy != "greedy":
+    if args.strategy not in ORACLES:
         out["runtime"], out["n_stages"] = args.runtime, args.n_stages_used
     return out
 
@@ -363,7 +403,7 @@ def _run_strategy(args, config, requests, show_progress, on_finish=None):
         raise InputError("--threads must be >= 1")
     if args.max_running is not None and args.max_running < 1 or args.kv_cells is not None and args.kv_cells < 1:
         raise InputError("--max-running and --kv-cells must be >= 1")
-    if args.strategy == "greedy":
+    if args.strategy in ORACLES:
         if args.stages not in (None, 1) or args.split or args.trace or args.timeline or getattr(args, "html", None):
             raise InputError("--stages, --split, --trace, --timeline and --html need a pipelined --strategy")
         return _run_greedy(args, load_stage(args.model, progress=show_progress), requests, on_finish)
@@ -410,7 +450,8 @@ def _run_strategy(args, config, requests, show_progress, on_finish=None):
         raise InputError(f"--stage-timeout must be a number of seconds >= 1 (or 0: never), got {args.stage_timeout}")
     with open_pipeline(args.model, args.runtime, n_stages, split, Engine.n_seqs(strategy, max_running),
                        tracer=tracer, cost=cost, max_rows=largest_run(strategy, max_running),
-                       stage_timeout=args.stage_timeout, cache_cells=args.kv_cells) as pipe:
+                       stage_timeout=args.stage_timeout, cache_cells=args.kv_cells,
+                       row_seqs=strategy.max_row_seqs(), logits_rows=max_running * strategy.logits_rows()) as pipe:
         listeners = []
         recording = None
         if tracer.enabled:  # record what the head sends (KV edit labels, hops, the viewer's replay)
@@ -461,7 +502,7 @@ def _run_greedy(args, model, requests, on_finish):
             time.sleep(max(0.0, request.arrived_at - time.perf_counter()))
             request.start(time.perf_counter(), model.config.max_positions, time.perf_counter)
             result = generate_greedy(model, request.prompt, request.max_new_tokens, request.stop_ids,
-                                     on_token=request.on_token)
+                                     on_token=request.on_token, sampling=request.sampling)
             request.sink.tokens, request.sink.stop_reason = result.tokens, result.stop_reason
             request.sink.metrics.token_times = [t + (request.admitted_s - request.arrived_at)
                                                 for t in result.metrics.token_times]
@@ -478,6 +519,8 @@ def _make_strategy(args, config, requests):
     from .strategies import (NEEDS_DRAFT, PipeInferStrategy, PipelineStrategy, SpecPipeStrategy, SpeculativeStrategy,
                              TreeStrategy)
 
+    if args.verify != "coupled" and args.strategy not in ("speculative", "tree"):
+        raise InputError(f"--verify {args.verify} applies to --strategy speculative and tree")
     if args.strategy not in NEEDS_DRAFT:
         if args.draft or args.draft_model or args.tree_budget:
             raise InputError(f"--draft/--draft-model/--tree-budget need a speculative --strategy, not {args.strategy}")
@@ -494,8 +537,10 @@ def _make_strategy(args, config, requests):
     if n_draft < 1 or args.branches < 1 or args.max_inflight < 1:
         raise InputError("--draft, --branches and --max-inflight must be >= 1")
     draft = _make_draft(source, args.model, config, requests)
+    if args.verify == "mss" and not hasattr(draft, "sampling_distribution"):
+        raise InputError(f"--verify mss needs a draft model (its distribution q), not {draft.name}")
     if args.strategy == "speculative":
-        return SpeculativeStrategy(draft, k=n_draft, min_confidence=p_accept)
+        return SpeculativeStrategy(draft, k=n_draft, min_confidence=p_accept, verify=args.verify)
     if args.strategy == "specpipe":
         if args.width < 1:
             raise InputError("--width must be >= 1")
@@ -510,7 +555,7 @@ def _make_strategy(args, config, requests):
         raise InputError(f"--tree-schedule must be comma-separated widths, got {args.tree_schedule!r}") from None
     if any(w < 1 for w in schedule) or args.tree_budget is not None and args.tree_budget < 1:
         raise InputError("tree widths and --tree-budget must be >= 1")
-    return TreeStrategy(draft, schedule=schedule, budget=args.tree_budget, min_confidence=p_accept)
+    return TreeStrategy(draft, schedule=schedule, budget=args.tree_budget, min_confidence=p_accept, verify=args.verify)
 
 
 def _make_draft(source, target_dir, config, requests):
@@ -532,13 +577,11 @@ def _make_draft(source, target_dir, config, requests):
         from .greedy import generate_greedy
 
         target = load_stage(target_dir)
-        longest: dict[tuple, int] = {}  # the oracle knows each request's greedy text
-        for r in requests:
-            longest[tuple(r.prompt)] = max(longest.get(tuple(r.prompt), 0), r.max_new_tokens)
+        longest = max(r.max_new_tokens for r in requests)  # the oracle knows each request's own text
         stop_ids = requests[0].stop_ids
 
-        def truth_of(prompt: list[int]) -> list[int]:
-            return generate_greedy(target, prompt, longest[tuple(prompt)], stop_ids).tokens
+        def truth_of(prompt: list[int], sampling) -> list[int]:
+            return generate_greedy(target, prompt, longest, stop_ids, sampling=sampling).tokens
 
         return OracleDraft(truth_of, p, config.vocab_size)
     draft_dir = resolve_model(source, default=DEFAULT_DRAFT)

@@ -144,6 +144,14 @@ class DraftModel(DraftSource):
         self.last_probs = kernels.softmax(logits[-1])[: self.vocab]
         return self.last_probs
 
+    def sampling_distribution(self, context: Sequence[int]) -> np.ndarray:
+        """The draft's distribution after `context` at the request's temperature and filters,
+        over the target's vocabulary (what MSS calls q).  -> [V'] float64"""
+        from .mss import target_distribution
+
+        self.distribution(context)
+        return target_distribution(self.last_logits, self.sampling)
+
     def top(self, context: Sequence[int], k: int) -> list[Guess]:
         """The k best guesses: by probability, or (sampling) by the coupled perturbed scores,
         each with the draft's probability at the request's temperature."""
@@ -203,14 +211,14 @@ class OracleDraft(DraftSource):
     When the first guess is wrong, the right token may still come later in its ranking: at each
     further rank with probability p/2 (so top-1 accuracy is p, top-2 p + (1-p)·p/2, ... like a
     real draft whose alternatives are sometimes right). `truth` is the greedy continuation after
-    the prompt (e.g. from `generate_greedy`), or, for several requests, a function from a prompt
-    to its continuation. The first guess reports probability 1.0 (it never stops a chain early),
+    the prompt (e.g. from `generate_greedy`), or, for several requests, a function of (prompt,
+    sampling settings) giving that request's continuation. The first guess reports probability 1.0 (it never stops a chain early),
     the i-th alternative 0.5**i; every other guess is a distinct wrong token.
     """
 
     name = "oracle"
 
-    def __init__(self, truth: Sequence[int] | Callable[[list[int]], Sequence[int]], p: float, vocab_size: int,
+    def __init__(self, truth: Sequence[int] | Callable[[list[int], Sampling], Sequence[int]], p: float, vocab_size: int,
                  seed: int = 0):
         self.truth_of = truth if callable(truth) else None
         self.truth = [] if callable(truth) else [int(t) for t in truth]
@@ -226,7 +234,7 @@ class OracleDraft(DraftSource):
     def reset(self, prompt: Sequence[int]) -> None:
         self.n_prompt = len(prompt)
         if self.truth_of is not None:
-            self.truth = [int(t) for t in self.truth_of(list(prompt))]
+            self.truth = [int(t) for t in self.truth_of(list(prompt), self.sampling)]
 
     def fork(self, prompt: Sequence[int], sampling: Sampling | None = None) -> "OracleDraft":
         clone = copy.copy(self)

@@ -296,7 +296,7 @@ class Engine:
                       **self._sampling_rows(parts))
         run_id = self.pipe.new_run_id()
         speculative = any(p.kind not in ("prefill", "plain") for p in parts)
-        self.pipe.submit(Run(run_id, batch, speculative=speculative))
+        self.pipe.submit(Run(run_id, batch, return_logits=any(p.return_logits for p in parts), speculative=speculative))
         self.bus.emit(Batched(self.pipe.now(), "*", run_id, tuple((p.decoder.request.id, p.id, p.batch.n_rows)
                                                                    for p in parts), batch.prefill))
         flight = Flight(run_id, parts, set(int(k) for k in batch.row_ids))
@@ -347,7 +347,8 @@ class Engine:
             if not mine and part.batch.want_logits.any():
                 out.append(Answer(None))  # its rows were dropped on the way
             else:
-                out.append(Answer(answer.tokens[mine], answer.row_ids[mine]))
+                out.append(Answer(answer.tokens[mine], answer.row_ids[mine],
+                                  logits=None if answer.logits is None else answer.logits[mine]))
         return out
 
     # ------------------------------------------------------------------------------------------

@@ -81,6 +81,7 @@ class Verified(Event):
     depth: int  # its deepest drafted position (1-based)
     accepted: int  # drafted tokens the target confirmed
     outcome: str = "ok"  # PipeInfer: "ok", or why the answer was not used: "stale", "diverged", "cancelled"
+    coupled_accepted: int | None = None  # --verify mss: what coupled verification would have accepted
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,7 @@ class SpeculationStats:
     verifications: int = 0
     drafted_at: list[int] = field(default_factory=list)  # [d-1]: verifications with a depth-d draft
     accepted_at: list[int] = field(default_factory=list)  # [d-1]: verifications accepting >= d
+    coupled_accepted: int | None = None  # --verify mss: drafted tokens coupled verification would accept
 
     def observe(self, event) -> None:
         """Count a `Verified` event (other events are not about verification)."""
@@ -112,6 +113,8 @@ class SpeculationStats:
 
         if isinstance(event, Verified):
             self.record(event.drafted, event.depth, event.accepted)
+            if event.coupled_accepted is not None:
+                self.coupled_accepted = (self.coupled_accepted or 0) + event.coupled_accepted
 
     def record(self, n_drafted: int, depth: int, n_accepted: int) -> None:
         self.drafted += n_drafted
@@ -135,11 +138,15 @@ class SpeculationStats:
             "tokens_per_verification": round(self.accepted / v + 1, 4) if self.verifications else None,
             "per_position_acceptance": [round(a / d, 4) if d else None
                                         for a, d in zip(self.accepted_at, self.drafted_at)],
+            **({} if self.coupled_accepted is None else {
+                "coupled_acceptance_rate": round(self.coupled_accepted / self.drafted, 4) if self.drafted else None}),
         }
 
     def summary(self) -> str:
         d = self.to_dict()
         if not self.drafted:
             return "nothing drafted"
+        coupled = (f"; coupled verification would accept {d['coupled_acceptance_rate']:.0%} of the same drafts"
+                   if d.get("coupled_acceptance_rate") is not None else "")
         return (f"drafted {d['drafted']}, accepted {d['accepted']} ({d['acceptance_rate']:.0%}), "
-                f"{d['tokens_per_verification']:.2f} tokens per verification")
+                f"{d['tokens_per_verification']:.2f} tokens per verification{coupled}")

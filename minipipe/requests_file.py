@@ -5,7 +5,9 @@
 
 Fields: `prompt` (text, tokenized with the model's tokenizer, BOS as the model wants) or
 `prompt_ids` (raw ids, no BOS added); optional `id` (default: the line number), `max_new_tokens`
-(default: `--max-new-tokens`) and `arrival_s` (seconds after the start; default 0: at once).
+(default: `--max-new-tokens`), `arrival_s` (seconds after the start; default 0: at once), and
+sampling settings `temperature`, `top_k`, `top_p`, `min_p`, `seed` (defaults: the command line's;
+a sampling request without a seed gets a random one, reported in its metrics).
 Blank lines and lines starting with `#` are skipped. Any other line that is not such an object
 is refused with its line number, before any work starts.
 """
@@ -14,18 +16,22 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 from .errors import InputError
 from .generation import check_prompt
 from .request import Request
+from .sampling import GREEDY, Sampling
 
-FIELDS = {"id", "prompt", "prompt_ids", "max_new_tokens", "arrival_s"}
+SAMPLING = ("temperature", "top_k", "top_p", "min_p", "seed")
+FIELDS = {"id", "prompt", "prompt_ids", "max_new_tokens", "arrival_s", *SAMPLING}
 
 
 def read_requests(path: str | Path, tokenizer, vocab_size: int, max_positions: int, max_new_tokens: int,
-                  stop_ids=()) -> list[Request]:
-    """Parse and check every request of a request file (one-line errors naming the line)."""
+                  stop_ids=(), sampling: Sampling = GREEDY, seed: int | None = None) -> list[Request]:
+    """Parse and check every request of a request file (one-line errors naming the line).
+    `sampling` and `seed` are the defaults a line's own settings override."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -63,7 +69,13 @@ def read_requests(path: str | Path, tokenizer, vocab_size: int, max_positions: i
         if not isinstance(arrival, (int, float)) or isinstance(arrival, bool) or not math.isfinite(arrival) \
                 or arrival < 0:
             raise InputError(f"{where}: arrival_s must be a number of seconds >= 0")
-        requests.append(Request(rid, prompt, n, tuple(stop_ids), float(arrival)))
+        settings = {f: fields[f] for f in SAMPLING if f in fields}
+        try:
+            own = replace(sampling, **{f: v for f, v in settings.items() if f != "seed"})
+            own = own.with_seed(settings.get("seed", seed))
+        except (InputError, TypeError) as e:
+            raise InputError(f"{where}: {e}") from None
+        requests.append(Request(rid, prompt, n, tuple(stop_ids), float(arrival), sampling=own))
     if not requests:
         raise InputError(f"--requests {path}: no requests in the file")
     return requests

@@ -34,7 +34,7 @@ def shared_draft(kind: str, seed: int):
         return DraftModel(PAIR.draft_model(seed))
     if kind == "ngram":
         return NgramDraft()
-    return OracleDraft(lambda prompt: PAIR.truth(seed, tuple(prompt), MAX_NEW) + [0] * 30, ORACLE_P[kind],
+    return OracleDraft(lambda prompt, sampling: PAIR.truth(seed, tuple(prompt), MAX_NEW) + [0] * 30, ORACLE_P[kind],
                        PAIR.vocab_size, seed=seed)
 
 

@@ -47,7 +47,7 @@ def draft_for(kind: str, seed: int, sampling: Sampling, n: int):
         return DraftModel(random_model(seed=seed, **TARGET))
     if kind == "ngram":
         return NgramDraft()
-    return OracleDraft(lambda prompt: sampled(seed, prompt, n, sampling) + [0] * 30, ORACLE_P[kind], 31, seed=seed)
+    return OracleDraft(lambda prompt, s: sampled(seed, prompt, n, s) + [0] * 30, ORACLE_P[kind], 31, seed=seed)
 
 
 @given(data=st.data())
@@ -177,3 +177,68 @@ def test_settings_are_checked_and_read_from_generation_config(tmp_path):
     assert from_generation_config(tmp_path) == Sampling(0.6, top_k=50, top_p=0.9)
     (tmp_path / "generation_config.json").write_text('{"do_sample": false, "temperature": 0.6}')
     assert from_generation_config(tmp_path).greedy
+
+
+# ------------------------------------------------------------------------------------------------
+# multi-step speculative sampling: the target's distribution, whatever the draft
+
+
+def test_mss_commits_tokens_distributed_as_the_target():
+    """Trees drawn from a draft q that differs from the target p (without replacement, the
+    Gumbel-top-k trick, as the decoders draw them): over 20,000 seeds, MSS's first committed token
+    is distributed as p, and its second as p given the first (chi-square at 0.1%)."""
+    from minipipe.mss import DRAFT_SALT, target_distribution, verify_mss
+    from minipipe.tree import TokenTree
+
+    V = 6
+    rng = np.random.default_rng(1)
+    target_logits = {(): rng.standard_normal(V).astype(np.float32) * 1.5}  # by path of tokens
+    for t in range(V):
+        target_logits[(t,)] = rng.standard_normal(V).astype(np.float32) * 1.5
+    draft_logits = rng.standard_normal(V).astype(np.float32)  # q: another distribution, the same at every node
+    s = Sampling(0.9, seed=0)
+    n, first, pairs = 20_000, np.zeros(V, int), {}
+    for seed in range(n):
+        s = Sampling(0.9, seed=seed)
+        noise_seed = seed ^ DRAFT_SALT
+        tree = TokenTree(0)
+        children = np.argsort(-(draft_logits / 0.9 + kernels.gumbel_noise(noise_seed, 1, V)), kind="stable")[:2]
+        for c in children:  # two children drawn without replacement, each with one child of its own
+            node = tree.add(0, int(c), 0.0)
+            tree.add(node, int(np.argmax(draft_logits / 0.9 + kernels.gumbel_noise(noise_seed, 2, V))), 0.0)
+        logits = np.stack([target_logits[tuple(tree.tokens_to(i))[:1]] for i in range(len(tree))])
+        q = target_distribution(draft_logits, s)
+        q_at = {i: q for i, node in enumerate(tree.nodes) if node.children}
+        _, committed = verify_mss(tree, logits, q_at, 0, s)
+        first[committed[0]] += 1
+        if len(committed) > 1:
+            pairs.setdefault(committed[0], []).append(committed[1])
+    p = target_distribution(target_logits[()], Sampling(0.9))
+    chi2 = float(((first - n * p) ** 2 / (n * p)).sum())
+    assert chi2 < CHI2_999[V - 1], (chi2, first, np.round(n * p))
+    for t, seconds in pairs.items():  # the second token (when the first was accepted) follows p(. | t)
+        if len(seconds) < 500:
+            continue
+        counts = np.bincount(seconds, minlength=V)
+        p2 = target_distribution(target_logits[(t,)], Sampling(0.9))
+        m = len(seconds)
+        chi2 = float(((counts - m * p2) ** 2 / (m * p2)).sum())
+        assert chi2 < CHI2_999[V - 1], (t, chi2, counts, np.round(m * p2))
+
+
+def test_mss_and_independent_drafts_run_every_request_to_the_end():
+    """MSS changes the text (not the distribution): it still ends by the stop rules and frees every
+    cell; independent drafts verified against the target's sample still give sequential sampling."""
+    from minipipe.strategies import SpeculativeStrategy, TreeStrategy
+
+    s = Sampling(0.9, seed=5)
+    for make in (lambda d, v: SpeculativeStrategy(d, k=3, verify=v), lambda d, v: TreeStrategy(d, (2, 2), verify=v)):
+        for verify in ("independent", "mss"):
+            strategy = make(DraftModel(PAIR.draft_model(0)), verify)
+            pipe = LocalPipeline(PAIR.stage_models(0, 2), n_seqs=strategy.n_seqs)
+            got = generate(strategy, pipe, (1, 2, 3), 30, max_positions=64, sampling=s)
+            assert len(got.tokens) == 30 and not held_resources(pipe)
+            if verify == "independent":
+                assert got.tokens == sampled(0, (1, 2, 3), 30, s)
+            else:
+                assert got.metrics.extra["speculation"].coupled_accepted is not None

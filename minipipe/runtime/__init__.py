@@ -28,7 +28,7 @@ def open_pipeline(model_dir: str | Path, runtime: str = "process", n_stages: int
                   split: list[int] | None = None, n_seqs: int = 1, tracer: Tracer | None = None,
                   cost: CostModel | None = None, chooser: Chooser | None = None, max_rows: int | None = None,
                   stage_timeout: float | None = None, cache_cells: int | None = None,
-                  row_seqs: int | None = None) -> Pipeline:
+                  row_seqs: int | None = None, logits_rows: int = 0) -> Pipeline:
     """A pipeline over the target in `model_dir`, on the chosen runtime.
 
     Process runtime only: `max_rows` the most rows one run carries (default: a prefill chunk;
@@ -42,7 +42,7 @@ def open_pipeline(model_dir: str | Path, runtime: str = "process", n_stages: int
         return ProcessPipeline(model_dir, n_stages, split, n_seqs, tracer=tracer,
                                max_rows=kernels.PREFILL_CHUNK if max_rows is None else max_rows,
                                stage_timeout=STAGE_TIMEOUT_S if stage_timeout is None else stage_timeout,
-                               cache_cells=cells, row_seqs=row_seqs)
+                               cache_cells=cells, row_seqs=row_seqs, logits_rows=logits_rows)
     if runtime == "local":
         config = load_config(model_dir)
         models = load_stage_models(model_dir, split_layers(config.n_layers, n_stages, split))

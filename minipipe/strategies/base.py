@@ -51,14 +51,16 @@ class Part:
     info: object = None  # the decoder's own bookkeeping for this part
     cancelled: bool = False  # the decoder cancelled it (its answer is never used)
     ready: int = 0  # the engine's stamp: parts that became ready earlier go out first
+    return_logits: bool = False  # the answer carries the wanted rows' logits (MSS needs distributions)
 
 
 @dataclass
 class Answer:
     """A part's answer: the target's token for each wanted row that survived, or a stub."""
 
-    tokens: np.ndarray | None  # [T'] greedy token per wanted row (None: the part was cancelled)
+    tokens: np.ndarray | None  # [T'] the target's token per wanted row (None: the part was cancelled)
     row_ids: np.ndarray | None = None  # [T'] those rows' ids
+    logits: np.ndarray | None = None  # [T', V] those rows' logits, when the part asked for them
     layers_skipped: int = 0  # stage-layers the pipeline skipped for a cancelled part
 
     @property
@@ -169,12 +171,13 @@ class Decoder:
     # ------------------------------------------------------------------------------------------
     # helpers for strategies
 
-    def launch(self, batch: Batch, kind: str, info=None, row_ids: np.ndarray | None = None) -> Part:
+    def launch(self, batch: Batch, kind: str, info=None, row_ids: np.ndarray | None = None,
+               return_logits: bool = False) -> Part:
         """Send `batch` as one part (its rows' cancellation key: the part's id, or `row_ids`)."""
         part_id = self.head.new_id()
         keys = np.full(batch.n_rows, part_id, dtype=np.int64) if row_ids is None else row_ids
         part = Part(part_id, self, Batch(batch.tokens, batch.positions, batch.seq_ids, batch.want_logits,
-                                         batch.prefill, keys), kind, info)
+                                         batch.prefill, keys), kind, info, return_logits=return_logits)
         self.inflight.append(part)
         self.actions.append(part)
         self.emit(Launched, part=part_id, kind=kind, tokens=tuple(int(t) for t in batch.tokens),
@@ -248,6 +251,10 @@ class Strategy(ABC):
     def max_row_seqs(self) -> int:
         """The most sequence ids one row holds (a tree node belongs to every branch through it)."""
         return 1
+
+    def logits_rows(self) -> int:
+        """Rows of logits one request's part brings back (0: tokens only, the default)."""
+        return 0
 
     def speculative_cells(self) -> int:
         """KV cells one request may hold beyond its committed text (speculation in flight)."""

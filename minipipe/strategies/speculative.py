@@ -14,14 +14,31 @@ One iteration, per request:
                   (rejected rows' cells become free)
 
 A chain is a tree with one branch, so both strategies share this code; they differ only in how
-the tree is grown. Only target argmaxes are ever committed, so the output is greedy decoding's.
-Several requests verify in shared micro-batches, each waiting for its own answer.
+the tree is grown. Only the target's own choices are ever committed (its argmax, or its keyed
+sample when the request samples), so the output is sequential decoding's. Several requests
+verify in shared micro-batches, each waiting for its own answer.
+
+Verification modes (`verify`), when a request samples:
+
+| mode          | drafts                                   | accepted when                          | text = sequential? |
+|---------------|------------------------------------------|----------------------------------------|--------------------|
+| `coupled`     | ranked with the target's own noise       | the token equals the target's sample   | yes                |
+| `independent` | sampled with noise of their own          | the token equals the target's sample   | yes                |
+| `mss`         | sampled with noise of their own          | SpecInfer's multi-step speculative     | no: same           |
+|               |                                          | sampling (`minipipe.mss`)              | distribution only  |
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import numpy as np
+
 from ..draft import DraftSource
+from ..errors import InputError
 from ..events import Drafted, Verified
+from ..mss import DRAFT_SALT, verify_mss
+from ..sampling import GREEDY
 from ..metrics import SpeculationStats
 from ..multibuffer import KVMultiBuffer
 from ..tree import SPECINFER_SCHEDULE, TokenTree
@@ -33,7 +50,14 @@ class VerifyDecoder(Decoder):
 
     def __init__(self, strategy: "TreeVerification", request, seqs, head):
         super().__init__(strategy, request, seqs, head)
-        self.draft = strategy.draft.fork(request.prompt, request.sampling)
+        self.sampling = request.sampling or GREEDY
+        self.mss = strategy.verify == "mss" and not self.sampling.greedy
+        draft_sampling = self.sampling
+        if strategy.verify != "coupled" and not self.sampling.greedy:  # draft samples of its own
+            draft_sampling = replace(self.sampling, seed=self.sampling.seed ^ DRAFT_SALT)
+        self.draft = strategy.draft.fork(request.prompt, draft_sampling)
+        if self.mss and not hasattr(self.draft, "sampling_distribution"):
+            raise InputError(f"--verify mss needs a draft model (its distribution q), not {self.draft.name}")
         self.buffers = KVMultiBuffer(n_partitions=1, width=strategy.max_leaves, base=self.seq)
 
     def begin(self) -> None:
@@ -52,15 +76,30 @@ class VerifyDecoder(Decoder):
             drafted = tree.nodes[1:]
             self.emit(Drafted, tokens=tuple(n.token for n in drafted), probs=tuple(n.prob for n in drafted),
                       draft_rows=rows)
+        q_at = self.draft_distributions(tree) if self.mss else None
         part = self.buffers.acquire()
         self.edit(self.buffers.view(self.seq, part, 0, root_pos), "view")
-        self.launch(tree.batch(root_pos, part[0]), "verify" if len(tree) > 1 else "plain", info=(tree, part))
+        self.launch(tree.batch(root_pos, part[0]), "verify" if len(tree) > 1 else "plain", info=(tree, part, q_at),
+                    return_logits=self.mss)
+
+    def draft_distributions(self, tree: TokenTree) -> dict[int, np.ndarray]:
+        """MSS: the draft's distribution at every node with children (what they were drawn from)."""
+        rows_before = self.draft.tokens_computed
+        q_at = {i: self.draft.sampling_distribution(self.committed + tree.tokens_to(i))
+                for i, node in enumerate(tree.nodes) if node.children}
+        self.head.draft_work(self.draft.tokens_computed - rows_before)
+        return q_at
 
     def on_answer(self, launched, answer) -> None:
-        tree, part = launched.info
+        tree, part, q_at = launched.info
         root_pos = int(launched.batch.positions[0])
-        accepted, committed = tree.verify(answer.tokens)
-        self.emit(Verified, part=launched.id, drafted=len(tree) - 1, depth=tree.depth, accepted=len(accepted))
+        accepted, committed = tree.verify(answer.tokens)  # coupled: the target's own choice at every node
+        coupled = None
+        if self.mss:
+            coupled = len(accepted)
+            accepted, committed = verify_mss(tree, answer.logits, q_at, root_pos, self.sampling)
+        self.emit(Verified, part=launched.id, drafted=len(tree) - 1, depth=tree.depth, accepted=len(accepted),
+                  coupled_accepted=coupled)
         branch = part[tree.leaves().index(tree.leaf_below(accepted[-1] if accepted else 0))]
         self.edit(self.buffers.commit(branch, root_pos, root_pos + len(accepted) + 1), "commit")
         self.edit(self.buffers.release(part), "release")
@@ -77,8 +116,10 @@ class TreeVerification(Strategy):
 
     max_leaves = 1
 
-    def __init__(self, draft: DraftSource):
-        self.draft = draft
+    def __init__(self, draft: DraftSource, verify: str = "coupled"):
+        if verify not in ("coupled", "independent", "mss"):
+            raise ValueError(f"unknown verification {verify!r}")
+        self.draft, self.verify = draft, verify
 
     @property
     def seqs_per_request(self) -> int:
@@ -96,6 +137,9 @@ class TreeVerification(Strategy):
     def speculative_cells(self) -> int:
         return self.max_part_rows()
 
+    def logits_rows(self) -> int:
+        return self.max_part_rows() if self.verify == "mss" else 0
+
     def max_row_seqs(self) -> int:
         return self.max_leaves
 
@@ -109,8 +153,8 @@ class SpeculativeStrategy(TreeVerification):
 
     name = "speculative"
 
-    def __init__(self, draft: DraftSource, k: int = 4, min_confidence: float = 0.0):
-        super().__init__(draft)
+    def __init__(self, draft: DraftSource, k: int = 4, min_confidence: float = 0.0, verify: str = "coupled"):
+        super().__init__(draft, verify)
         self.k, self.min_confidence = k, min_confidence
 
     def grow(self, tree: TokenTree, draft: DraftSource, context: list[int], max_depth: int) -> None:
@@ -133,10 +177,10 @@ class TreeStrategy(TreeVerification):
     name = "tree"
 
     def __init__(self, draft: DraftSource, schedule=SPECINFER_SCHEDULE, budget: int | None = None, width: int = 3,
-                 min_confidence: float = 0.0):
+                 min_confidence: float = 0.0, verify: str = "coupled"):
         self.schedule, self.budget, self.width, self.min_confidence = tuple(schedule), budget, width, min_confidence
         self.max_leaves = budget if budget is not None else _product(self.schedule)
-        super().__init__(draft)
+        super().__init__(draft, verify)
 
     def grow(self, tree: TokenTree, draft: DraftSource, context: list[int], max_depth: int) -> None:
         if self.budget is not None:
