@@ -68,6 +68,10 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--chat-template", metavar="FILE",
                    help="a Jinja chat template for /v1/chat/completions (default: the checkpoint's; a plain "
                         "'ROLE:\\ntext' transcript for checkpoints without one)")
+    p.add_argument("--verify", choices=("coupled", "independent", "mss"), default="coupled",
+                   help="speculative and tree, for sampled requests: how drafts are verified (as for generate; "
+                        "coupled and independent keep the text of sequential sampling, mss keeps only its "
+                        "distribution)")
     p.add_argument("--log-requests", action="store_true", help="log every HTTP request on stderr")
     add_speculation_flags(p)
 
