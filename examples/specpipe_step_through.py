@@ -2,12 +2,14 @@
 
     python examples/specpipe_step_through.py [--model NAME|DIR] [--draft NAME|DIR] [--stages 4] [--width 2]
 
-The stages run in the local runtime on its virtual clock (costs calibrated on this machine).
-Every decision of the head is printed with the virtual time: the layer of tree nodes it sends
-into stage 0 at each step, each hit (the target's token is a child of the tip: one token per
-step) with the nodes it prunes off the other branches, and each miss (the pipeline refills from
-a new root). The timeline at the end shows every stage busy with a different layer — the
-diagonal wavefront — and the tokens are checked against greedy decoding.
+The stages run in the local runtime on its virtual clock with fixed costs (the same output on
+every machine). Every decision of the head is printed with the virtual time: the layer of tree
+nodes it sends into stage 0 at each step, each hit (the target's token is a child of the tip:
+one token per step) with the nodes it prunes off the other branches, named (node id, token,
+position), and each miss (the pipeline refills from a new root). The timeline at the end shows
+every stage busy with a different layer — the diagonal wavefront — with `!` where a stage
+dropped a micro-batch whose rows were all pruned; the tokens are checked against greedy
+decoding.
 """
 
 from __future__ import annotations
@@ -20,15 +22,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minipipe.config import load_config  # noqa: E402
 from minipipe.draft import DraftModel  # noqa: E402
-from minipipe.events import Narrator  # noqa: E402
+from minipipe.events import Cancelled, Narrator  # noqa: E402
 from minipipe.greedy import generate_greedy  # noqa: E402
 from minipipe.model import load_stage  # noqa: E402
 from minipipe.paths import DEFAULT_DRAFT, resolve_model  # noqa: E402
 from minipipe.runtime import LocalPipeline, load_stage_models, split_layers  # noqa: E402
-from minipipe.runtime.cost import calibrate  # noqa: E402
+from minipipe.runtime.cost import fixed  # noqa: E402
 from minipipe.strategies import SpecPipeStrategy, generate  # noqa: E402
 from minipipe.tokenizer import Tokenizer  # noqa: E402
-from minipipe.trace import Tracer  # noqa: E402
+from minipipe.trace import TracedPipeline, Tracer  # noqa: E402
+from minipipe.transport.messages import Run  # noqa: E402
 
 
 def main() -> None:
@@ -45,8 +48,8 @@ def main() -> None:
     tok = Tokenizer(target_dir, config.eos_ids)
     prompt = tok.encode(args.prompt)
     target, draft = load_stage(target_dir), load_stage(draft_dir)
-    cost = calibrate(target, draft, repeats=2)
-    print(f"virtual clock, calibrated here: {cost.describe()}\n")
+    cost = fixed(config, draft.config)
+    print(f"virtual clock, fixed costs: {cost.describe()}\n")
     tracer = Tracer()
 
     def narrate(sentence: str) -> None:
@@ -58,7 +61,23 @@ def main() -> None:
     print(f"prompt {args.prompt!r}: {len(prompt)} tokens; SpecPipe on {args.stages} stages, "
           f"{args.width} node(s) per layer\n")
     narrator = Narrator(narrate, text=lambda t: tok.decode([t]))
-    result = generate(strategy, pipe, prompt, args.tokens, tok.eos_ids, config.max_positions, listeners=[narrator])
+    traced = TracedPipeline(pipe, tracer)  # keeps every message sent: each row's node id, token, position
+
+    def node(key: int) -> str:
+        for _, what, msg, _ in traced.log:
+            if what == "submit" and isinstance(msg, Run) and msg.batch.row_ids is not None:
+                for k, t, p in zip(msg.batch.row_ids, msg.batch.tokens, msg.batch.positions):
+                    if int(k) == key:
+                        return f"#{key} {tok.decode([int(t)])!r}@{int(p)}"
+        return f"#{key}"
+
+    def tell(e) -> None:
+        if isinstance(e, Cancelled) and e.reason == "pruned":
+            narrate("prune " + ", ".join(node(k) for k in e.ids))
+        else:
+            narrator(e)
+
+    result = generate(strategy, traced, prompt, args.tokens, tok.eos_ids, config.max_positions, listeners=[tell])
     print("\n" + tracer.timeline(width=110))
     print(f"\n{result.metrics.extra['speculation'].summary()}")
     expected = generate_greedy(target, prompt, args.tokens, tok.eos_ids).tokens
