@@ -4,9 +4,8 @@ and what one hop between processes costs.
     python benchmarks/bench_pipeline.py [--model DIR|NAME] [--stages 1,2,3] [--tokens 64] [--json]
     python benchmarks/bench_pipeline.py --quick            # the same, smaller: under a minute
 
-Models: `--model` (default: the shipped target, `minipipe.paths.resolve_model(None)`; while it is
-not there, the reference checkpoint ../shared/models/stories260k), and SmolLM2-135M when it has
-been pulled (`minipipe pull smollm2-135m`; `--no-smollm` skips it).
+Models: `--model` (default: the shipped target, `minipipe.paths.resolve_model(None)`), and
+SmolLM2-135M when it has been pulled (`minipipe pull smollm2-135m`; `--no-smollm` skips it).
 
 Rows, per model, all measured in one run on this machine:
 
@@ -80,19 +79,13 @@ from minipipe.tokenizer import Tokenizer  # noqa: E402
 from minipipe.trace import Tracer  # noqa: E402
 from minipipe.transport.messages import Run, encode  # noqa: E402
 
-DEV_MODEL = REPO.parent / "shared" / "models" / "stories260k"  # used while the shipped model is absent
 SMOLLM = "smollm2-135m"
 
 
 
 def default_model() -> tuple[Path, str | None]:
-    """The shipped target, or the development checkpoint (with a note saying so)."""
-    try:
-        return resolve_model(None), None
-    except CheckpointError:
-        if (DEV_MODEL / "config.json").is_file():
-            return DEV_MODEL, f"the shipped model is not there yet; using {DEV_MODEL}"
-        raise
+    """The shipped target (and no note)."""
+    return resolve_model(None), None
 
 
 def smollm_dir() -> Path | None:
@@ -305,8 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", metavar="DIR|NAME",
-                   help="target checkpoint directory or model name (default: the shipped model; "
-                        f"{DEV_MODEL} while it is absent)")
+                   help="target checkpoint directory or model name (default: the shipped model)")
     p.add_argument("--no-smollm", action="store_true", help=f"do not also measure {SMOLLM} when it is pulled")
     p.add_argument("--stages", default="1,2,3", help="stage counts to measure (default 1,2,3)")
     p.add_argument("--tokens", type=int, help="new tokens per run (default 64; SmolLM2 32; --quick 32 / 12)")

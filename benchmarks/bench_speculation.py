@@ -7,10 +7,8 @@ draft's acceptance grows, and what verifying k rows costs.
     python benchmarks/bench_speculation.py --runtime local --stages 1,2,4,8 --model DIR   # virtual clock
 
 Models: the target is `--model` (default: the shipped `tinybard`, `minipipe.paths.resolve_model`),
-the draft `--draft` (default: the shipped `tinybard-draft`). While the shipped pair is absent,
-the reference pair ../shared/models/stories260k + stories260k-draft is used (a weak draft: the
-target with one of its five layers removed, so it costs 4/5 of the target). `--draft none`
-measures oracle drafts only.
+the draft `--draft` (default: the shipped `tinybard-draft`). `--draft none` measures oracle
+drafts only.
 
 Rows, for each stage count S of `--stages`, all on the same prompt(s), every run making exactly
 `--tokens` tokens (eos ignored):
@@ -100,9 +98,7 @@ from minipipe.transport.messages import Run  # noqa: E402
 from minipipe.multibuffer import KVMultiBuffer  # noqa: E402
 from minipipe.tree import SPECINFER_SCHEDULE, TokenTree  # noqa: E402
 
-SHARED = REPO.parent / "shared" / "models"
 CACHE_CELLS = inspect.signature(ProcessPipeline.__init__).parameters["cache_cells"].default  # a stage's KV cells
-DEV_PAIR = (SHARED / "stories260k", SHARED / "stories260k-draft")  # while the shipped pair is absent
 
 
 
@@ -113,21 +109,13 @@ def parse_list(text: str, kind=float) -> list:
 def resolve_pair(model_arg: str | None, draft_arg: str | None, notes: list[str]) -> tuple[Path, Path | None]:
     """Target and draft directories (the draft None: oracle drafts only)."""
     if model_arg is None:
-        try:
-            target = resolve_model(None)
-        except CheckpointError:
-            if not (DEV_PAIR[0] / "config.json").is_file():
-                raise
-            target = DEV_PAIR[0]
-            notes.append(f"the shipped model is not there yet; using {DEV_PAIR[0]}")
+        target = resolve_model(None)
     else:
         target = resolve_model(model_arg)
     if draft_arg is not None and draft_arg.lower() == "none":
         return target, None
     if draft_arg is not None:
         draft = resolve_model(draft_arg)
-    elif target.resolve() == DEV_PAIR[0].resolve():
-        draft = DEV_PAIR[1] if (DEV_PAIR[1] / "config.json").is_file() else None
     else:
         try:
             draft = resolve_model(None, default=DEFAULT_DRAFT)
@@ -488,7 +476,7 @@ def explain(r: dict) -> list[str]:
           "after the first save only what the first one paid alone (streaming each layer's weights from memory "
           "into the CPU caches, the per-call overheads), and plain batched GEMM, which the exact kernels may not "
           f"use, would be at most {max(cost[k]['exact_s'] / cost[k]['gemm_s'] for k in many):.2f}x faster "
-          "(last column). DESIGN.md §2's 'verifying k tokens costs several times one token' holds; 'nearly k times' "
+          "(last column). 'Verifying k tokens costs several times one token' holds; 'nearly k times' "
         + ("holds too." if extra(max(many)) >= 0.8 else
            f"does not: an extra row costs {span(extra(k) for k in many)} of a step here "
            f"({r['target_mb']:.1f} MB of weights)."),

@@ -14,7 +14,7 @@ models (`runtime.cost.calibrate`: per-layer time per row, LM head, draft time pe
 measured one-way ring latency), 4 and 8 stages, an oracle draft whose guesses are right with
 probability p (0.2 .. 0.95), and the same with an added per-hop latency that mimics a slow
 interconnect. Tokens/s on the virtual clock, ratios to `pipeline` and to `speculative`, and for
-SpecPipe the hit rate h next to the sanity model S = N / (1 + (1 - h)(N - 1)) (ALGORITHMS.md §3.5).
+SpecPipe the hit rate h next to the sanity model S = N / (1 + (1 - h)(N - 1)) (docs/papers.md).
 
 Every run's tokens are checked against greedy decoding ("exact" column).
 """

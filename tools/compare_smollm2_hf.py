@@ -215,5 +215,16 @@ def main(argv=None) -> int:
     return 1 if bad or bad_tok else 0
 
 
+def require(*modules: str) -> None:
+    """Stop with one line naming what to install when an optional module is missing."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        sys.exit(f"{Path(__file__).name} needs {' and '.join(missing)} (not installed here): "
+                 "pip install -e '.[hf]'")
+
+
 if __name__ == "__main__":
+    require("torch", "transformers")
     sys.exit(main())

@@ -789,5 +789,17 @@ def main(argv=None) -> None:
         train(args)
 
 
+def require(*modules: str) -> None:
+    """Stop with one line naming what to install when an optional module is missing."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        sys.exit(f"{Path(__file__).name} needs {' and '.join(missing)} (not installed here): "
+                 "pip install -e '.[hf]'")
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] in ("train", "all"):
+        require("torch")  # prepare needs only tokenizers
     main()
