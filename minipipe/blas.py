@@ -1,7 +1,7 @@
 """Find the BLAS library NumPy loaded, report it, and set its thread count.
 
 minipipe runs one BLAS thread per process by default (a pipeline stage is one process on one
-core, DESIGN.md §1), and the exactness contract is stated for one fixed kernel configuration.
+core, docs/design.md), and the exactness contract is stated for one fixed kernel configuration.
 NumPy exposes no API for the thread count, so this module calls OpenBLAS's own
 `openblas_set_num_threads` through ctypes (the symbol carries a prefix/suffix in the
 `scipy-openblas` builds that NumPy wheels ship). Where no OpenBLAS is found (another BLAS),

@@ -1,7 +1,7 @@
 """Model configuration: the facts about a Llama checkpoint, read from its `config.json`.
 
 `ModelConfig` is the only place that knows Hugging Face's config key names. It accepts both
-generations of the file (LLAMA.md): older files with top-level `rope_theta` + `rope_scaling`,
+generations of the file (docs/model.md): older files with top-level `rope_theta` + `rope_scaling`,
 newer ones (transformers >= 5) with `rope_parameters`. Anything minipipe does not implement is
 refused by name with an `UnsupportedConfigError` rather than run wrongly.
 
@@ -35,7 +35,7 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 @dataclass(frozen=True, slots=True)
 class RopeConfig:
-    """Rotary position embedding parameters (LLAMA.md, "RoPE").
+    """Rotary position embedding parameters (docs/model.md).
 
     rope_type: "default" (plain), "linear" (positions divided by `factor`) or "llama3"
     (frequency-dependent scaling with `low_freq_factor`, `high_freq_factor` and

@@ -14,7 +14,7 @@ The GGUF container itself is read by llama.cpp's own `gguf` package (the optiona
     llama.* metadata                       config.json, generation_config.json
     tokenizer.ggml.* metadata              tokenizer.json (built with `tokenizers`), tokenizer_config.json
 
-Facts the mapping relies on (../shared/models/README.md):
+Facts the mapping relies on (checked on the published file; docs/smollm2.md):
 
 * Shapes: GGUF lists dimensions fastest-first, so a GGUF shape [576, 1536] is the NumPy array
   (1536, 576) = (out, in), the HF orientation.

@@ -1,4 +1,4 @@
-"""Every numerically relevant operation of minipipe, in one place (DESIGN.md §2).
+"""Every numerically relevant operation of minipipe, in one place (docs/exactness.md).
 
 The exactness contract says a token's bits must not depend on which other tokens share its
 batch or where it sits in the batch: a token decoded alone and the same token inside a batch of
@@ -387,7 +387,7 @@ def softmax(scores: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# rotary position embedding (Hugging Face "rotate half" convention, LLAMA.md)
+# rotary position embedding (Hugging Face "rotate half" convention, docs/model.md)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Generation metrics, defined once and printed the same way by every strategy (DESIGN.md §7).
+"""Generation metrics, defined once and printed the same way by every strategy (docs/design.md).
 
 Definitions (times in seconds, from the moment generation starts, tokenizer excluded):
 

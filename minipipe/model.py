@@ -1,6 +1,6 @@
 """A Llama decoder in NumPy, runnable over any layer range [lo, hi) so a pipeline stage can own a slice.
 
-One decoder layer (LLAMA.md; `n1`, `n2` are RMSNorms):
+One decoder layer (docs/model.md; `n1`, `n2` are RMSNorms):
 
     h = x + o_proj(attention(rope(q_proj(n1(x))), rope(k_proj(n1(x))), v_proj(n1(x))))
     y = h + down_proj(silu(gate_proj(n2(h))) * up_proj(n2(h)))

@@ -1,5 +1,5 @@
 """The KV multibuffer manager: sequence ids for speculation in flight, and the edits that move
-cells between them (DESIGN.md §3; PipeInfer's "pipelined KV cache multibuffering").
+cells between them (docs/kvcache.md; PipeInfer's "pipelined KV cache multibuffering").
 
 Terms:
 

@@ -1,5 +1,7 @@
-"""Shared test fixtures: hypothesis profiles, the shipped model pair, the reference checkpoints
-beside the repository (which a plain clone lacks: tests that use them also run on the shipped pair)."""
+"""Shared test fixtures: hypothesis profiles, the shipped model pair, and the reference
+checkpoints (stories260k and its draft) that the development machine keeps in a folder beside the
+repository. A clone lacks them: the tests that use them skip, saying so, and also run on the
+shipped pair."""
 
 from __future__ import annotations
 
@@ -24,10 +26,11 @@ settings.load_profile(os.environ.get("MINIPIPE_HYPOTHESIS_PROFILE", "default"))
 
 
 def shared_model(name: str) -> Path:
-    """A reference checkpoint from ../shared/models, or skip the test where it is absent."""
+    """A reference checkpoint beside the repository, or skip the test (saying why) where it is absent."""
     path = SHARED_MODELS / name
     if not (path / "config.json").is_file():
-        pytest.skip(f"reference checkpoint {path} is not available")
+        pytest.skip(f"reference checkpoint {name} is not beside this checkout (a clone lacks it; "
+                    "the shipped pair covers the same test)")
     return path
 
 

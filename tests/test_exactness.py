@@ -1,4 +1,4 @@
-"""The exactness contract (DESIGN.md §2), property-tested.
+"""The exactness contract (docs/exactness.md), property-tested.
 
 A token decoded alone (greedy style, sequence 0) and the same token inside any batch of
 speculative rows with the same context must give bit-identical logits and hidden states,

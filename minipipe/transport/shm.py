@@ -1,6 +1,6 @@
 """Shared-memory segments with one owner, and small helpers for processes that share them.
 
-Ownership rule (DESIGN.md §4): the process that creates a segment is the only one that unlinks
+Ownership rule (docs/runtime.md): the process that creates a segment is the only one that unlinks
 it; others attach by name through small picklable handles and only close. Python's resource
 tracker would otherwise treat every attaching process as an owner too (and unlink or warn at
 its exit), so attaching bypasses the tracker (`track=False` on Python >= 3.13, a patched
