@@ -27,14 +27,11 @@
 
 from __future__ import annotations
 
-import functools
-import json
 import multiprocessing as mp
 import os
 import signal
 import threading
 import time
-import traceback
 from collections import deque
 from dataclasses import dataclass
 
@@ -44,12 +41,14 @@ from ..errors import InputError, MinipipeError
 from ..trace import Tracer
 from ..transport import shm
 from ..transport.cancel import CancelHandle, CancelMap
-from ..transport.messages import (Cancelled, CorruptMessage, KVCopy, KVEdits, KVRemove, Ready, Result, Run, Shutdown,
-                                  TraceEvents, decode, encode)
+from ..transport.channel import STAMP, LinkDelay, RingChannel
+from ..transport.messages import (Cancelled, KVCopy, KVEdits, KVRemove, Ready, Result, Run, Shutdown, TraceEvents,
+                                  decode, encode)
 from ..transport.ring import SPIN_S, PeerDied, Ring, RingClosed, RingHandle
-from ..transport.status import COMPUTING, DONE, LOADING, WAITING, WRITING, BoardHandle, StatusBoard
+from ..transport.status import LOADING, BoardHandle, StatusBoard
 from .base import Pipeline, StageCrashed, split_layers
-from .sizing import CANCEL_SLOTS, TEXT_CHUNK, check_room, plan_rings
+from .service import serve, trace_messages as _trace_messages  # noqa: F401 - (tests import it from here)
+from .sizing import CANCEL_SLOTS, check_room, plan_rings
 
 POLL_S = 0.2  # how often a waiting head checks the stages (alive, no error, not stalled)
 STAGE_TIMEOUT_S = 60.0  # default: a stage with work and no sign of life this long is stalled
@@ -74,115 +73,24 @@ class StageSpec:
     trace: bool
     cache_cells: int
     heartbeat_s: float  # longest sleep between two heartbeats while waiting for input
+    link_delay_s: float = 0.0  # --link-delay-ms: every hop delivers this long after sending
 
 
 def stage_main(spec: StageSpec) -> None:
-    """Entry point of a stage process."""
+    """Entry point of a stage process: the service loop (`service.py`) on a `RingChannel`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited already (see `_start`); Ctrl-C is the head's
     blas.set_threads(spec.blas_threads)
-    parent = os.getppid()
-    board, me = StatusBoard.attach(spec.board), spec.index
-    board.set_state(me, LOADING, pid=os.getpid())
-    inp, out = Ring.attach(spec.input), Ring.attach(spec.output)
-    inp.set_reader(os.getpid())
-    out.set_writer(os.getpid())
-    cancels = CancelMap.attach(spec.cancels)
-    events: list[dict] = []
+    channel = RingChannel(spec.index, spec.input, spec.output, spec.cancels, spec.board, spec.heartbeat_s,
+                          spec.link_delay_s)
 
-    def fail(message: str, status: int) -> None:
-        board.fail(me, message)  # the head reads it there, whatever the neighbours are doing
-        os._exit(status)
-
-    try:
+    def load(cancels):
         from ..model import load_stage
         from .stage import Stage
 
-        stage = Stage(spec.index, load_stage(spec.model_dir, spec.lo, spec.hi), cancels, spec.n_seqs,
-                      spec.cache_cells)
-    except MinipipeError as e:
-        fail(str(e), 2)
-    except Exception as e:  # noqa: BLE001 - report anything, one line
-        fail(f"could not load layers {spec.lo}-{spec.hi - 1}: {type(e).__name__}: {e}", 2)
-    alive = functools.partial(board.beat, me, progress=False)  # a sign of life while a full ring blocks us
-    board.set_state(me, WRITING)
-    out.write(encode(Ready(spec.index, os.getpid())), on_wait=alive)
-    board.set_state(me, WAITING)
-    track = f"stage {spec.index}"
-    while True:
-        try:
-            payload = inp.read(timeout=spec.heartbeat_s)
-        except (RingClosed, PeerDied):
-            os._exit(0)
-        if payload is None:
-            if os.getppid() != parent:  # the head is gone
-                os._exit(0)
-            board.beat(me, progress=False)  # idle, but alive
-            continue
-        board.set_state(me, COMPUTING)
-        try:
-            msg = decode(payload)
-        except CorruptMessage as e:
-            fail(f"corrupt message: {e}", 3)
-        try:
-            start = time.monotonic()
-            outputs = _compute(stage.process(msg), board, me)
-            end = time.monotonic()
-        except Exception as e:  # noqa: BLE001 - a bug or a broken KV rule: report it, one line
-            where = traceback.extract_tb(e.__traceback__)[-1]
-            fail(f"{type(e).__name__}: {e} (at {os.path.basename(where.filename)}:{where.lineno})", 4)
-        if spec.trace:
-            _record(events, track, msg, outputs, start, end)
-        if isinstance(msg, Shutdown) and spec.trace:
-            outputs = _trace_messages(spec.index, events) + outputs
-        board.set_state(me, WRITING)
-        for o in outputs:
-            out.write(encode(o), on_wait=alive)
-        inp.consume()
-        board.beat(me)  # one message handled
-        if isinstance(msg, Shutdown):
-            board.set_state(me, DONE)
-            out.close()
-            os._exit(0)
-        board.set_state(me, WAITING)
+        return Stage(spec.index, load_stage(spec.model_dir, spec.lo, spec.hi), cancels, spec.n_seqs, spec.cache_cells)
 
-
-def _compute(steps, board: StatusBoard, index: int) -> list:
-    """Run a `Stage.process` generator to the end (like `stage.drain`), beating after every layer."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
-        board.beat(index)
-
-
-def _trace_messages(stage: int, events: list[dict]) -> list[TraceEvents]:
-    """A stage's trace events in messages of at most TEXT_CHUNK bytes (they fit every ring)."""
-    messages, chunk, size = [], [], 0
-    for event in events:
-        n = len(json.dumps(event)) + 2
-        if chunk and size + n > TEXT_CHUNK:
-            messages.append(TraceEvents(stage, chunk))
-            chunk, size = [], 0
-        chunk.append(event)
-        size += n
-    if chunk:
-        messages.append(TraceEvents(stage, chunk))
-    return messages
-
-
-def _record(events: list, track: str, msg, outputs, start: float, end: float) -> None:
-    if isinstance(msg, Run):
-        cancelled = bool(outputs) and isinstance(outputs[0], Cancelled)
-        name = ("cancelled " if cancelled else "") + ("spec run" if msg.speculative else "run") + f" {msg.run_id}"
-        events.append(dict(track=track, name=name, start=start, end=end, kind="cancel" if cancelled else "run",
-                           run_id=msg.run_id, args={"rows": msg.batch.n_rows}))
-    elif isinstance(msg, Cancelled):
-        events.append(dict(track=track, name=f"skip cancelled {msg.run_id}", start=start, end=start, kind="cancel",
-                           run_id=msg.run_id, args={}))
-    elif isinstance(msg, (KVRemove, KVCopy, KVEdits)):
-        events.append(dict(track=track, name=type(msg).__name__, start=start, end=start, kind="kv", run_id=None,
-                           args={}))
+    status = serve(channel, load, spec.index, spec.lo, spec.hi, spec.trace)
+    os._exit(max(status, 0))  # a failure is on the board already; the head reads it there
 
 
 class ProcessPipeline(Pipeline):
@@ -192,7 +100,8 @@ class ProcessPipeline(Pipeline):
     sequence ids one row holds (default n_seqs); n_seqs: sequence ids
     per stage cache (a row holds at most that many); logits_rows: rows of logits a Result may
     return (Run.return_logits; 0 by default). The rings are sized for these (`sizing.py`); a run
-    beyond them is refused with an InputError. stage_timeout: seconds a stage may have work
+    beyond them is refused with an InputError. link_delay: seconds every hop takes to deliver a
+    message (a real slow link, `transport/channel.py`). stage_timeout: seconds a stage may have work
     without a sign of life before the run stops with an error naming it (None or 0: never).
     """
 
@@ -200,7 +109,7 @@ class ProcessPipeline(Pipeline):
                  max_rows: int = kernels.PREFILL_CHUNK, logits_rows: int = 0, blas_threads: int = 1,
                  tracer: Tracer | None = None, start_timeout: float = 120.0,
                  stage_timeout: float | None = STAGE_TIMEOUT_S, cache_cells: int = 256, spin: float | None = None,
-                 row_seqs: int | None = None):
+                 row_seqs: int | None = None, link_delay: float = 0.0):
         self.config = config = load_config(model_dir)
         self.splits = split_layers(config.n_layers, n_stages, split)
         self.tracer = tracer if tracer is not None else Tracer(enabled=False)
@@ -211,9 +120,12 @@ class ProcessPipeline(Pipeline):
         self.board: StatusBoard | None = None
         self.names: list[str] = []  # every segment's name, recorded before the segment is created
         self.answers: deque = deque()  # Results and Cancelled stubs read ahead of `receive`
+        self.link = LinkDelay(link_delay)  # --link-delay-ms: every hop delivers this long after sending
+        self.held: deque = deque()  # delayed link: (due ns, message) read off the last ring, not yet delivered
         self.closed = False
         self.faulted = False  # a stage failed, died or stalled: close() does not wait for it
-        self.plan = plan_rings(config, self.n_stages, max_rows, n_seqs if row_seqs is None else row_seqs, logits_rows)
+        self.plan = plan_rings(config, self.n_stages, max_rows, n_seqs if row_seqs is None else row_seqs, logits_rows,
+                               stamp=bool(self.link))
         self.stale_segments = shm.remove_stale()  # left by runs that were killed whole
         check_room(self.plan.total_bytes, self.n_stages)
         ctx = mp.get_context("spawn")
@@ -229,7 +141,7 @@ class ProcessPipeline(Pipeline):
             for i, (lo, hi) in enumerate(self.splits):
                 spec = StageSpec(i, str(model_dir), lo, hi, n_seqs, self.rings[i].handle, self.rings[i + 1].handle,
                                  self.cancels.handle, self.board.handle, blas_threads, self.tracer.enabled,
-                                 cache_cells, heartbeat_s)
+                                 cache_cells, heartbeat_s, link_delay)
                 self._start(ctx.Process(target=stage_main, args=(spec,), name=f"minipipe-stage{i}", daemon=True))
             self._wait_ready(start_timeout)
         except BaseException:
@@ -278,6 +190,8 @@ class ProcessPipeline(Pipeline):
         parts = encode(msg)
         if isinstance(msg, Run):
             self.tracer.instant("head", f"submit {msg.run_id}", time.monotonic(), "submit", msg.run_id)
+        if self.link:
+            parts = [self.link.stamp(), *parts]
         while True:
             try:
                 self.rings[0].write(parts, timeout=POLL_S)
@@ -303,7 +217,7 @@ class ProcessPipeline(Pipeline):
         self.tracer.instant("head", f"cancel {run_id}", time.monotonic(), "cancel", run_id)
 
     def poll(self) -> bool:
-        while not self.answers and self.rings[-1].n_unread_bytes > 0:
+        while not self.answers and (self.held or self.rings[-1].n_unread_bytes > 0):
             msg = self._read(0.0)
             if msg is None:
                 break
@@ -325,7 +239,24 @@ class ProcessPipeline(Pipeline):
     # ------------------------------------------------------------------------------------------
 
     def _read(self, timeout: float):
-        """One message from the last ring (copied out of shared memory), or None."""
+        """The next message from the last ring once delivered, or None within `timeout`."""
+        if not self.link:
+            return self._read_ring(timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.held and self.held[0][0] <= self.link.now_ns():
+                return self.held.popleft()[1]
+            left = deadline - time.monotonic()
+            wait = max(0.0, min(left, self.link.wait_s(self.held[0][0])) if self.held else left)
+            msg = self._read_ring(wait)
+            if msg is not None:
+                self.held.append(msg)
+            elif left <= 0:
+                return None
+
+    def _read_ring(self, timeout: float):
+        """One message from the last ring (copied out of shared memory), or None; with a
+        delayed link, (its delivery time, the message)."""
         try:
             payload = self.rings[-1].read(timeout=timeout)
         except PeerDied:
@@ -336,7 +267,10 @@ class ProcessPipeline(Pipeline):
             return None
         if payload is None:
             return None
+        due = None
         try:
+            if self.link:
+                due, payload = LinkDelay.due_of(payload), payload[STAMP.size:]
             msg = decode(payload)
             if isinstance(msg, Result):  # copy: the ring will reuse these bytes
                 msg = Result(msg.run_id, msg.tokens.copy(), None if msg.logits is None else msg.logits.copy(),
@@ -345,8 +279,8 @@ class ProcessPipeline(Pipeline):
             self.rings[-1].consume()
         if isinstance(msg, TraceEvents):
             self.tracer.extend(msg.events)
-            return self._read(timeout)
-        return msg
+            return self._read_ring(timeout)
+        return msg if due is None else (due, msg)
 
     def _keep(self, msg) -> None:
         if isinstance(msg, (Result, Cancelled)):
@@ -410,7 +344,7 @@ class ProcessPipeline(Pipeline):
         try:
             while True:
                 try:
-                    self.rings[0].write(encode(Shutdown()), timeout=0.05)
+                    self.rings[0].write(([self.link.stamp()] if self.link else []) + encode(Shutdown()), timeout=0.05)
                     break
                 except TimeoutError:  # ring 0 full: drain answers so the stages can move
                     while self._read(0.0) is not None:

@@ -57,13 +57,14 @@ class RingPlan:
 
 
 def plan_rings(config: ModelConfig, n_stages: int, max_rows: int = kernels.PREFILL_CHUNK, n_seqs: int = 1,
-               logits_rows: int = 0) -> RingPlan:
-    """Ring capacities for `config` split over `n_stages` stages (see the module docstring)."""
+               logits_rows: int = 0, stamp: bool = False) -> RingPlan:
+    """Ring capacities for `config` split over `n_stages` stages (see the module docstring);
+    `stamp`: records carry a delivery time (8 bytes, `--link-delay-ms`, `transport/channel.py`)."""
     max_rows = max(1, max_rows)
     seq_ids = max_rows * max(1, n_seqs)
 
     def capacity(largest_payload: int) -> int:
-        need = RECORDS_PER_RING * ring_mod.record_size(largest_payload)
+        need = RECORDS_PER_RING * ring_mod.record_size(largest_payload + (8 if stamp else 0))
         return max(RING_FLOOR, (need + 7) // 8 * 8)
 
     first = capacity(run_bytes(max_rows, seq_ids, sampling=True))  # rows may carry sampling settings

@@ -77,3 +77,22 @@ class LocalCancelSet:
 
     def release(self) -> None:
         pass
+
+
+class CancelSlots:
+    """The shared map's semantics in private memory: a stage on another host keeps its own copy,
+    filled from the head's cancel messages (`transport/mpi.py`). Same slots, same epochs, so a
+    mark is never mistaken for another run's, whichever transport carried it."""
+
+    def __init__(self, capacity: int = 4096):
+        self.capacity = capacity
+        self.slots = np.full(capacity, -1, dtype=np.int64)  # [capacity]
+
+    def cancel(self, run_id: int) -> None:
+        self.slots[run_id % self.capacity] = run_id
+
+    def is_cancelled(self, run_id: int) -> bool:
+        return bool(self.slots[run_id % self.capacity] == run_id)
+
+    def release(self) -> None:
+        pass

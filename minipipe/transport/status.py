@@ -27,6 +27,8 @@ States (written by the stage only; the head creates every slot as LOADING):
 |             | makes it wait for the next stage)              |                                |
 | `FAILED`    | dying after writing its error                  | —                              |
 | `DONE`      | exiting after Shutdown                         | —                              |
+| `DELAYED`   | holding received messages until their delivery | always                         |
+|             | time (`--link-delay-ms`; beats every wake)     |                                |
 
 **Stalled**: a stage with work pending whose heartbeat is older than the stage timeout. A stage
 busy with a long prefill beats after every layer, and one waiting for room in the next ring
@@ -53,8 +55,8 @@ ERROR_OFFSET = 64
 ERROR_BYTES = SLOT_BYTES - ERROR_OFFSET
 _STATE, _PROGRESS, _HEARTBEAT, _PID, _ERROR_LEN = range(5)  # 8-byte word indices in a slot
 
-LOADING, WAITING, COMPUTING, WRITING, FAILED, DONE = range(6)
-STATE_NAMES = ("loading", "waiting", "computing", "writing", "failed", "done")
+LOADING, WAITING, COMPUTING, WRITING, FAILED, DONE, DELAYED = range(7)
+STATE_NAMES = ("loading", "waiting", "computing", "writing", "failed", "done", "delayed")
 
 
 @dataclass
@@ -153,7 +155,7 @@ class StatusBoard:
         now = time.monotonic() if now is None else now
         for i in range(self.n_stages):
             status = self.read(i)
-            pending = status.state in (COMPUTING, WRITING) or (status.state == WAITING and input_pending[i])
+            pending = status.state in (COMPUTING, WRITING, DELAYED) or (status.state == WAITING and input_pending[i])
             silent = now - status.heartbeat
             if pending and silent > timeout:
                 return i, silent
