@@ -124,11 +124,7 @@ class DraftModel(DraftSource):
         context = [int(t) for t in context]
         if context == self.cached and self.last_probs is not None:
             return self.last_probs
-        common = 0
-        for a, b in zip(self.cached, context):
-            if a != b:
-                break
-            common += 1
+        common = common_prefix(self.cached, context)
         common = min(common, len(context) - 1)  # recompute at least the last token for its logits
         self.cache.seq_rm(0, common)
         new = context[common:]
@@ -157,12 +153,38 @@ class DraftModel(DraftSource):
         each with the draft's probability at the request's temperature."""
         probs = self.distribution(context)
         if self.sampling.greedy:
-            best = np.argsort(-probs, kind="stable")[:k]
-            return [(int(t), float(probs[t])) for t in best]
+            return [(int(t), float(probs[t])) for t in best_ids(probs, k)]
         scores = self.sampling.scores(self.last_logits, len(context))  # [V'] -inf outside the filters
-        best = [t for t in np.argsort(-scores, kind="stable")[:k] if np.isfinite(scores[t])]
+        best = [t for t in best_ids(scores, k) if np.isfinite(scores[t])]
         tempered = kernels.softmax((self.last_logits / np.float32(self.sampling.temperature))[None, :])[0]
         return [(int(t), float(tempered[t])) for t in best]
+
+
+def best_ids(scores: np.ndarray, k: int) -> np.ndarray:
+    """The k highest-scoring ids, best first, ties by ascending id (a full stable sort's head,
+    without sorting the whole vocabulary).  [V] -> [min(k, V)]"""
+    V = scores.shape[0]
+    if k >= V:
+        return np.argsort(-scores, kind="stable")
+    threshold = np.partition(scores, V - k)[V - k]  # the k-th highest score
+    candidates = np.flatnonzero(scores >= threshold)  # ascending ids, ties at the boundary included
+    return candidates[np.argsort(-scores[candidates], kind="stable")][:k]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists (list comparisons run in C: the
+    usual case, `b` extending `a`, costs one comparison; otherwise a binary search)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 class NgramDraft(DraftSource):
