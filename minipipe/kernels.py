@@ -253,7 +253,11 @@ class _Gemv:
 
 def set_gemv_threads(n: int, blas_threads: bool = True) -> None:
     """Run decode-row GEMVs on `n` threads (1: the calling thread only). `blas_threads=False`:
-    never OpenBLAS's own threads, only minipipe's column ranges (doctor checks both)."""
+    never OpenBLAS's own threads, only minipipe's column ranges (doctor checks both).
+
+    Process-wide, like OpenBLAS's thread count, which `gemv_rows` raises around a GEMV: meant
+    for one decoding thread (`minipipe generate --threads`), not for forward passes running
+    concurrently in several Python threads of one process."""
     if n < 1:
         raise ValueError(f"GEMV threads must be >= 1, got {n}")
     _Gemv.use_blas_threads = blas_threads and blas.info().controllable
