@@ -28,13 +28,17 @@ def open_pipeline(model_dir: str | Path, runtime: str = "process", n_stages: int
                   split: list[int] | None = None, n_seqs: int = 1, tracer: Tracer | None = None,
                   cost: CostModel | None = None, chooser: Chooser | None = None, max_rows: int | None = None,
                   stage_timeout: float | None = None, cache_cells: int | None = None,
-                  row_seqs: int | None = None, logits_rows: int = 0) -> Pipeline:
+                  row_seqs: int | None = None, logits_rows: int = 0, link_delay: float = 0.0) -> Pipeline:
     """A pipeline over the target in `model_dir`, on the chosen runtime.
 
     Process runtime only: `max_rows` the most rows one run carries (default: a prefill chunk;
     see `strategies.largest_run`), `stage_timeout` seconds a stage may have work without a sign
     of life (default `process.STAGE_TIMEOUT_S`; 0: never). `cache_cells`: KV cells each stage's
-    cache starts with (the engine's budget; default 256, growing when needed)."""
+    cache starts with (the engine's budget; default 256, growing when needed). `link_delay`
+    (process and mpi runtimes): seconds every hop takes to deliver a message, for real.
+
+    The mpi runtime (`runtime/mpi.py`) runs on rank 0 of an MPI job whose other ranks run
+    `runtime.mpi.stage_rank_main` (the command line does both)."""
     cells = 256 if cache_cells is None else cache_cells
     if runtime == "process":
         from .process import STAGE_TIMEOUT_S, ProcessPipeline
@@ -42,7 +46,13 @@ def open_pipeline(model_dir: str | Path, runtime: str = "process", n_stages: int
         return ProcessPipeline(model_dir, n_stages, split, n_seqs, tracer=tracer,
                                max_rows=kernels.PREFILL_CHUNK if max_rows is None else max_rows,
                                stage_timeout=STAGE_TIMEOUT_S if stage_timeout is None else stage_timeout,
-                               cache_cells=cells, row_seqs=row_seqs, logits_rows=logits_rows)
+                               cache_cells=cells, row_seqs=row_seqs, logits_rows=logits_rows, link_delay=link_delay)
+    if runtime == "mpi":
+        from .mpi import MPIPipeline
+        from .process import STAGE_TIMEOUT_S
+
+        return MPIPipeline(model_dir, n_stages, split, n_seqs, tracer=tracer, cache_cells=cells, link_delay=link_delay,
+                           stage_timeout=STAGE_TIMEOUT_S if stage_timeout is None else stage_timeout)
     if runtime == "local":
         config = load_config(model_dir)
         models = load_stage_models(model_dir, split_layers(config.n_layers, n_stages, split))
