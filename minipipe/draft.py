@@ -79,14 +79,87 @@ class DraftSource:
         """Draft-model rows computed so far (the cost of drafting); 0 for model-free sources."""
         return 0
 
+    @property
+    def forwards_computed(self) -> int:
+        """Forward calls those rows took (a batched forward costs less than one per row)."""
+        return self.tokens_computed
+
+    def release(self) -> None:
+        """The request is over: give back what this fork holds."""
+
+
+class DraftPool:
+    """A draft model's weights and one KV cache that every request's fork shares.
+
+    Each fork keeps its cached text in a sequence of its own, so one forward can compute rows of
+    many forks at once (`prefetch`): the engine asks every request for the contexts its next
+    offer will need and the pool answers them all in one batched forward — one pass over the
+    draft's layers instead of one per request.
+    """
+
+    def __init__(self, model: StageModel, capacity: int = 256):
+        self.model = model
+        self.cache = model.new_cache(n_seqs=1 << 30, capacity=capacity)
+        self.free: list[int] = []
+        self.next_seq = 0
+        self.forwards = 0  # forward calls made for prefetches
+        self.rows = 0  # rows computed in them
+
+    def new_seq(self) -> int:
+        if self.free:
+            return self.free.pop()
+        self.next_seq += 1
+        return self.next_seq - 1
+
+    def release(self, seq: int) -> None:
+        self.cache.seq_rm(seq)
+        self.free.append(seq)
+
+    def prefetch(self, queries: list[tuple["DraftModel", list[int]]]) -> int:
+        """Compute the distributions after every (fork, context) in one forward; each fork then
+        answers `top(context, k)` from memory. Returns the rows computed. Contexts a fork already
+        holds, or that need a long suffix (a prompt: the batched prefill path), are left alone."""
+        rows, pending = [], []  # (token, position, seq); (fork, context, temp seq, common, last row)
+        for fork, context in queries:
+            context = [int(t) for t in context]
+            if tuple(context) in fork.memo or (context == fork.cached and fork.last_probs is not None):
+                continue
+            common = min(common_prefix(fork.cached, context), len(context) - 1)
+            if len(context) - common > 8:
+                continue
+            temp = self.new_seq()
+            self.cache.seq_cp(fork.seq, temp, 0, common)  # the temp sequence sees the fork's prefix
+            rows += [(t, common + i, temp) for i, t in enumerate(context[common:])]
+            pending.append((fork, context, temp, common, len(rows) - 1))
+        if not rows:
+            return 0
+        want = np.zeros(len(rows), dtype=bool)
+        want[[p[4] for p in pending]] = True
+        batch = Batch(tokens=np.array([r[0] for r in rows], dtype=np.int64),
+                      positions=np.array([r[1] for r in rows], dtype=np.int64),
+                      seq_ids=tuple((r[2],) for r in rows), want_logits=want)
+        logits = self.model.forward(self.cache, batch)  # [queries, V]
+        self.forwards, self.rows = self.forwards + 1, self.rows + len(rows)
+        adopted = set()
+        for (fork, context, temp, common, _), row in zip(pending, logits):
+            fork.memo[tuple(context)] = row[: fork.vocab]
+            if fork not in adopted:  # the fork's first context becomes its cached text
+                adopted.add(fork)
+                self.cache.seq_rm(fork.seq, common)
+                self.cache.seq_cp(temp, fork.seq, common, None)
+                fork.cached, fork.last_probs = context, None
+            self.release(temp)
+        return len(rows)
+
 
 class DraftModel(DraftSource):
-    """A small Llama in the head process, with its own KV cache.
+    """A small Llama in the head process; its forks (one per request) share one `DraftPool`.
 
-    The cache holds one token list (`cached`, positions 0..n-1 in sequence 0). To answer for a
-    new context the model keeps the longest common prefix, drops the rest (`seq_rm`) and runs
-    only the new suffix — so extending a chain costs one row per token, and hopping between
-    tree branches costs the length of the branch suffix.
+    A fork's cached text is one sequence of the pool's cache (`cached`, positions 0..n-1). To
+    answer for a new context the fork keeps the longest common prefix, drops the rest (`seq_rm`)
+    and runs only the new suffix — so extending a chain costs one row per token, and hopping
+    between tree branches costs the length of the branch suffix. Contexts the pool prefetched
+    for it in a batched forward are answered from memory (`memo`).
 
     `target_vocab`: the target's vocabulary size. A draft may know a few more tokens than the
     target (padded embeddings); it never proposes those: their probability is 0 and they are
@@ -95,49 +168,68 @@ class DraftModel(DraftSource):
 
     name = "draft-model"
 
-    def __init__(self, model: StageModel, target_vocab: int | None = None):
+    def __init__(self, model: StageModel, target_vocab: int | None = None, pool: DraftPool | None = None):
         assert model.is_first and model.is_last, "a draft model holds all its layers"
         self.model = model
         self.vocab = model.config.vocab_size if target_vocab is None else min(target_vocab, model.config.vocab_size)
-        self.cache = model.new_cache(capacity=256)
+        self.pool = DraftPool(model) if pool is None else pool
+        self.cache = self.pool.cache
+        self.seq = self.pool.new_seq()
         self.cached: list[int] = []
-        self.last_probs: np.ndarray | None = None  # [V'] distribution after `cached`, V' = self.vocab
-        self.n_rows = 0
+        self.memo: dict[tuple, np.ndarray] = {}  # context -> logits [V'], from the pool's prefetch
+        self.last_probs: np.ndarray | None = None  # [V'] distribution after the last context asked
+        self.n_rows = self.n_forwards = 0
 
     @property
     def tokens_computed(self) -> int:
         """Decode rows computed (the prompt's batched prefill is not counted)."""
         return self.n_rows
 
+    @property
+    def forwards_computed(self) -> int:
+        return self.n_forwards
+
     def reset(self, prompt: Sequence[int]) -> None:
-        self.cache.clear()
-        self.cached, self.last_probs = [], None
+        self.cache.seq_rm(self.seq)
+        self.cached, self.last_probs, self.memo = [], None, {}
+
+    def release(self) -> None:
+        """The request is over: its sequence goes back to the pool."""
+        self.pool.release(self.seq)
+        self.cached, self.memo = [], {}
 
     def fork(self, prompt: Sequence[int], sampling: Sampling | None = None) -> "DraftModel":
-        """The same weights, a cache of its own."""
-        clone = DraftModel(self.model, self.vocab)
+        """The same weights and pool, a sequence of its own."""
+        clone = DraftModel(self.model, self.vocab, self.pool)
         clone.sampling = GREEDY if sampling is None else sampling
         return clone
 
     def distribution(self, context: Sequence[int]) -> np.ndarray:
         """The draft's next-token probabilities after `context`, over the ids the target knows.  -> [V']"""
         context = [int(t) for t in context]
-        if context == self.cached and self.last_probs is not None:
+        key = tuple(context)
+        if key in self.memo:
+            self.last_logits = self.memo.pop(key)
+            self.last_probs = kernels.softmax(self.last_logits[None, :])[0]
+            self.last_context = context
+            return self.last_probs
+        if context == getattr(self, "last_context", None) and self.last_probs is not None:
             return self.last_probs
         common = common_prefix(self.cached, context)
         common = min(common, len(context) - 1)  # recompute at least the last token for its logits
-        self.cache.seq_rm(0, common)
+        self.cache.seq_rm(self.seq, common)
         new = context[common:]
         prefill = len(new) > 8  # long suffixes (the prompt) take the batched path
         logits = None
         for start, end in kernels.prefill_chunks(len(new)) if prefill else [(0, len(new))]:
-            batch = Batch.chain(new[start:end], common + start, want_logits="last", prefill=prefill)
+            batch = Batch.chain(new[start:end], common + start, (self.seq,), want_logits="last", prefill=prefill)
             logits = self.model.forward(self.cache, batch)
         if not prefill:  # a long suffix is the prompt: its cost overlaps the target's prefill
             self.n_rows += len(new)
-        self.cached = context
+            self.n_forwards += 1
+        self.cached = self.last_context = context
         self.last_logits = logits[-1][: self.vocab]  # [V'] ids the target cannot embed: never
-        self.last_probs = kernels.softmax(logits[-1])[: self.vocab]
+        self.last_probs = kernels.softmax(self.last_logits[None, :])[0]
         return self.last_probs
 
     def sampling_distribution(self, context: Sequence[int]) -> np.ndarray:

@@ -255,14 +255,31 @@ class Engine:
                 ready.sort(key=lambda d: self.queue[d][0].ready)
                 ready = ready[: math.ceil(len(self.running) / self.pipe.n_stages)]
             elif self.strategy.offer_while_answer_waits or not self.pipe.poll():
-                for decoder in self.running:  # optional work joins the same micro-batch
-                    if decoder not in ready and decoder.started and decoder.offer():
+                asked = [d for d in self.running if d not in ready and d.started]
+                self._prefetch_drafts(asked)
+                for decoder in asked:  # optional work joins the same micro-batch
+                    if decoder.offer():
                         self._collect(decoder)
                         self._send_edits(decoder)
                         ready.append(decoder)
             if not ready:
                 return
             self._submit([self.queue[d].popleft() for d in ready])
+
+    def _prefetch_drafts(self, decoders: list[Decoder]) -> None:
+        """Batched drafting: the contexts the decoders' offers will ask their drafts about, computed
+        for every request in one forward per draft pool (one pass over the draft's weights), so
+        drafting for many requests costs little more than for one."""
+        by_pool: dict[int, tuple] = {}
+        for decoder in decoders:
+            pool = getattr(getattr(decoder, "draft", None), "pool", None)
+            needs = decoder.draft_needs() if pool is not None else []
+            if needs:
+                by_pool.setdefault(id(pool), (pool, []))[1].extend((decoder.draft, c) for c in needs)
+        for pool, queries in by_pool.values():
+            rows = pool.prefetch(queries)
+            if rows:
+                self.pipe.draft_work(rows, 1)
 
     def _send_edits(self, decoder: Decoder | None = None) -> None:
         """Send the KV edits queued ahead of each decoder's next part (or of one decoder's)."""

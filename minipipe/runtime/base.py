@@ -98,8 +98,9 @@ class Pipeline(ABC):
         if delay > 0:
             time.sleep(delay)
 
-    def draft_work(self, n_tokens: int) -> None:
-        """The head's draft model computed `n_tokens` rows (the local runtime charges their cost)."""
+    def draft_work(self, n_rows: int, forwards: int | None = None) -> None:
+        """The head's draft model computed `n_rows` rows in `forwards` forward calls (default: one
+        per row); the local runtime charges their cost."""
 
     def now(self) -> float:
         """The head's clock (seconds; virtual in the local runtime)."""

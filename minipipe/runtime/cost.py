@@ -7,7 +7,8 @@ charges time from this model, so 8 or more stages can be studied on a 2-core mac
                                     layer_fixed + prefill_per_row · rows    (prompt rows)
     the LM head on the last stage   head_fixed + head_per_row · wanted rows
     a message crossing one hop      hop_latency + bytes / hop_bandwidth
-    a drafted token in the head     draft_per_token (strategies report their drafting)
+    a draft forward of r rows       draft_fixed + draft_per_token · r (strategies report their
+                                    drafting; one forward per row unless rows were batched)
 
 Two ways to get the numbers:
 
@@ -40,6 +41,7 @@ class CostModel:
     hop_latency: float = 30e-6
     hop_bandwidth: float = 5e9  # bytes per second
     draft_per_token: float = 100e-6
+    draft_fixed: float = 0.0  # per draft forward call (its weights streamed once, its Python overhead)
     kv_edit: float = 5e-6
     submit: float = 10e-6  # the head's cost to encode and send a message
 
@@ -48,6 +50,10 @@ class CostModel:
 
     def head(self, rows: int) -> float:
         return self.head_fixed + self.head_per_row * rows
+
+    def draft(self, rows: int, forwards: int) -> float:
+        """Seconds for `rows` draft rows computed in `forwards` forward calls."""
+        return self.draft_fixed * forwards + self.draft_per_token * rows
 
     def hop(self, n_bytes: int) -> float:
         return self.hop_latency + n_bytes / self.hop_bandwidth
@@ -60,7 +66,8 @@ class CostModel:
         return (f"layer {self.layer_fixed * us:.0f} µs + {self.layer_per_row * us:.0f} µs/row "
                 f"(prefill {self.prefill_per_row * us:.1f} µs/row); head {self.head_fixed * us:.0f} µs + "
                 f"{self.head_per_row * us:.0f} µs/row; hop {self.hop_latency * us:.0f} µs + "
-                f"{self.hop_bandwidth / 1e9:.1f} GB/s; draft {self.draft_per_token * us:.0f} µs/token")
+                f"{self.hop_bandwidth / 1e9:.1f} GB/s; draft {self.draft_fixed * us:.0f} µs + "
+                f"{self.draft_per_token * us:.0f} µs/row")
 
 
 # The nominal CPU of `fixed`: it streams weights from memory at WEIGHT_BYTES_PER_S and computes
@@ -89,14 +96,20 @@ def fixed(config, draft_config=None) -> CostModel:
     (`NOMINAL`) streams a layer's float32 weights once per run (`layer_fixed`) and computes its
     multiply-adds once per row (`layer_per_row`); prompt rows cost a fifth of that (one GEMM over
     the chunk); the LM head likewise. A drafted token costs one row through the whole draft model
-    (without a draft model — n-gram or oracle drafts — a tenth of one target token). Hops and KV
+    (without a draft model — n-gram or oracle drafts — a tenth of one target token); a forward
+    of several draft rows streams the draft's weights once (`draft_fixed`). Hops and KV
     edits keep the defaults of `CostModel`. Deterministic: the same command prints the same times
     on every machine."""
     P, head = _layer_params(config), config.dim * config.vocab_size
     w, f, call = NOMINAL["weight_bytes_per_s"], NOMINAL["flops_per_s"], NOMINAL["per_call_s"]
-    draft = _token_cost(draft_config) if draft_config is not None else 0.1 * _token_cost(config)
+    if draft_config is not None:  # a forward streams the draft's weights once; each row adds its multiply-adds
+        draft_row = _token_cost(draft_config, 2) - _token_cost(draft_config, 1)
+        draft_fixed = _token_cost(draft_config, 1) - draft_row
+    else:
+        draft_row, draft_fixed = 0.1 * _token_cost(config), 0.0
     return CostModel(layer_fixed=call + 4 * P / w, layer_per_row=2 * P / f, prefill_per_row=2 * P / f / 5,
-                     head_fixed=call + 4 * head / w, head_per_row=2 * head / f, draft_per_token=draft)
+                     head_fixed=call + 4 * head / w, head_per_row=2 * head / f, draft_per_token=draft_row,
+                     draft_fixed=draft_fixed)
 
 
 def _best(fn, repeats: int) -> float:
@@ -152,16 +165,22 @@ def calibrate(model, draft=None, hop_latency: float | None = None, repeats: int 
     prefill_per_row = max(t_prefill / max(1, model.hi - model.lo) - layer_fixed, 0.0) / 64
     cost = CostModel(layer_fixed=layer_fixed, layer_per_row=layer_per_row, prefill_per_row=prefill_per_row,
                      head_fixed=head_fixed, head_per_row=head_per_row)
-    if draft is not None:
-        cache = draft.new_cache(capacity=64)
-        prefill(draft, cache, prompt)
-        pos = [len(prompt)]
+    if draft is not None:  # one forward of r rows (r requests' guesses): fixed + per row
+        rows_list, times = [1, 4, 8], []
+        for rows in rows_list:
+            cache = draft.new_cache(n_seqs=rows, capacity=64 * rows)
+            for s in range(rows):
+                prefill(draft, cache, prompt, seq_ids=(s,))
+            pos = [len(prompt)]
 
-        def draft_step():
-            draft.forward(cache, Batch.chain([1], pos[0]))
-            pos[0] += 1
+            def draft_step(rows=rows, cache=cache):
+                draft.forward(cache, Batch(np.ones(rows, dtype=np.int64), np.full(rows, pos[0], dtype=np.int64),
+                                           tuple((s,) for s in range(rows)), np.ones(rows, dtype=bool)))
+                pos[0] += 1
 
-        cost = replace(cost, draft_per_token=_best(draft_step, repeats * 4))
+            times.append(_best(draft_step, repeats * 2))
+        draft_fixed, draft_per_row = _fit(rows_list, times)
+        cost = replace(cost, draft_fixed=draft_fixed, draft_per_token=draft_per_row)
     if hop_latency is not None:
         cost = replace(cost, hop_latency=hop_latency)
     return cost

@@ -161,11 +161,11 @@ class LocalPipeline(Pipeline):
         else:
             self.clock = max(self.clock, t)
 
-    def draft_work(self, n_tokens: int) -> None:
-        if self.cost is not None and n_tokens:
-            self.clock += self.cost.draft_per_token * n_tokens
-            self.tracer.record("head", f"draft {n_tokens}", self.clock - self.cost.draft_per_token * n_tokens,
-                               self.clock, "draft")
+    def draft_work(self, n_rows: int, forwards: int | None = None) -> None:
+        if self.cost is not None and n_rows:
+            spent = self.cost.draft(n_rows, n_rows if forwards is None else forwards)
+            self.clock += spent
+            self.tracer.record("head", f"draft {n_rows}", self.clock - spent, self.clock, "draft")
 
     def now(self) -> float:
         """Virtual seconds (clock mode), or stage steps taken so far (chooser mode)."""

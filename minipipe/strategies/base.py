@@ -86,7 +86,7 @@ class Head:
     new_id: Callable[[], int]
     now: Callable[[], float]
     answer_waiting: Callable[[], bool]  # an answer is back and waits to be routed
-    draft_work: Callable[[int], None]  # the head's draft computed n rows (the virtual clock charges them)
+    draft_work: Callable[..., None]  # the head's draft computed (rows, forwards) (the virtual clock charges them)
     emit: Callable[[Event], None]
 
 
@@ -153,6 +153,9 @@ class Decoder:
             self.cancel(live, "the request is over")
         self.release_all()
         self.edit([KVRemove(self.seq)], "free")
+        draft = getattr(self, "draft", None)
+        if draft is not None:
+            draft.release()
         self.retired = True
 
     # ------------------------------------------------------------------------------------------
@@ -204,6 +207,21 @@ class Decoder:
         if added:
             self.emit(Committed, tokens=tuple(added), part=None if part is None else part.id)
         return self.sink.done
+
+    def draft_mark(self) -> tuple[int, int]:
+        """The draft's work so far (rows, forward calls): pass it to `charge_draft` afterwards."""
+        return self.draft.tokens_computed, self.draft.forwards_computed
+
+    def charge_draft(self, mark: tuple[int, int]) -> int:
+        """Charge the drafting done since `mark` to the head's clock; returns the rows computed."""
+        rows, forwards = self.draft.tokens_computed - mark[0], self.draft.forwards_computed - mark[1]
+        self.head.draft_work(rows, forwards)
+        return rows
+
+    def draft_needs(self) -> list[list[int]]:
+        """Contexts the next `offer` will ask the draft about (the engine may compute them for
+        every request in one batched forward first); none by default."""
+        return []
 
     def emit(self, event_type: type, **fields) -> None:
         """Report a decision (`minipipe.events`), stamped with the head's time and this request."""

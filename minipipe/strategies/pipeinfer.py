@@ -227,7 +227,7 @@ class PipeInferDecoder(Decoder):
         tree = TokenTree(root_token)
         cutoff, split = s.p_accept + adjust, s.p_split + adjust
         active, n_branches, n_tokens, stopped_at = [0], 1, 0, None
-        rows_before = self.draft.tokens_computed
+        mark = self.draft_mark()
         while active and n_tokens < n_draft:
             next_active = []
             for leaf in active:
@@ -245,8 +245,7 @@ class PipeInferDecoder(Decoder):
                         n_branches += 1
                         n_tokens += 1
             active = next_active
-        rows = self.draft.tokens_computed - rows_before
-        self.head.draft_work(rows)
+        rows = self.charge_draft(mark)
         self.emit(Drafted, tokens=tuple(n.token for n in tree.nodes[1:]), probs=tuple(n.prob for n in tree.nodes[1:]),
                   cutoff=cutoff, stopped_at=stopped_at, draft_rows=rows)
         return tree

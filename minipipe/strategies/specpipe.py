@@ -133,23 +133,34 @@ class SpecPipeDecoder(Decoder):
         self.edit([KVCopy(root.seq, self.seq, pos, pos + 1)], "commit")  # and is committed itself
         self.tip = root
 
-    def grow(self) -> bool:
-        """Send the next layer: the best `width` children of the deepest surviving leaves."""
-        width = self.strategy.width
+    def frontier(self) -> list[TreeNode]:
+        """The deepest surviving leaves, if a new layer may grow under them (within the token
+        budget and the context, with sequence ids to spare)."""
         limit = min(self.sink.n_prompt + self.sink.max_new_tokens - 2, self.sink.max_positions - 1)
         leaves = [n for n in self.tip.subtree() if not n.children]
         deepest = max(n.pos for n in leaves)
         frontier = [n for n in leaves if n.pos == deepest and n.pos + 1 <= limit]
-        if not frontier or len(self.free_seqs) < width:
+        return frontier if len(self.free_seqs) >= self.strategy.width else []
+
+    def draft_needs(self) -> list[list[int]]:
+        """The contexts `grow` will ask the draft about: one per frontier leaf."""
+        if self.done or self.tip is None or self.current_inflight() >= self.head.n_stages:
+            return []
+        return [self.committed + self.path_tokens(leaf) for leaf in self.frontier()]
+
+    def grow(self) -> bool:
+        """Send the next layer: the best `width` children of the deepest surviving leaves."""
+        width = self.strategy.width
+        frontier = self.frontier()
+        if not frontier:
             return False
         candidates = []  # (-path probability, order, parent, token, prob)
-        rows_before = self.draft.tokens_computed
+        mark = self.draft_mark()
         for i, leaf in enumerate(frontier):
             context = self.committed + self.path_tokens(leaf)
             for token, prob in self.draft.top(context, width):
                 candidates.append((-leaf.path_prob * prob, i, leaf, token, prob))
-        rows = self.draft.tokens_computed - rows_before
-        self.head.draft_work(rows)
+        rows = self.charge_draft(mark)
         candidates.sort(key=lambda c: (c[0], c[1]))
         layer, edits = [], []
         for neg_path_prob, _, parent, token, prob in candidates[:width]:

@@ -69,10 +69,9 @@ class VerifyDecoder(Decoder):
         max_depth = min(self.sink.max_new_tokens - len(self.sink.tokens) - 1, self.sink.max_positions - 1 - root_pos)
         tree = TokenTree(self.committed[-1])
         if max_depth > 0:
-            rows_before = self.draft.tokens_computed
+            mark = self.draft_mark()
             self.strategy.grow(tree, self.draft, self.committed, max_depth)
-            rows = self.draft.tokens_computed - rows_before
-            self.head.draft_work(rows)
+            rows = self.charge_draft(mark)
             drafted = tree.nodes[1:]
             self.emit(Drafted, tokens=tuple(n.token for n in drafted), probs=tuple(n.prob for n in drafted),
                       draft_rows=rows)
@@ -84,10 +83,10 @@ class VerifyDecoder(Decoder):
 
     def draft_distributions(self, tree: TokenTree) -> dict[int, np.ndarray]:
         """MSS: the draft's distribution at every node with children (what they were drawn from)."""
-        rows_before = self.draft.tokens_computed
+        mark = self.draft_mark()
         q_at = {i: self.draft.sampling_distribution(self.committed + tree.tokens_to(i))
                 for i, node in enumerate(tree.nodes) if node.children}
-        self.head.draft_work(self.draft.tokens_computed - rows_before)
+        self.charge_draft(mark)
         return q_at
 
     def on_answer(self, launched, answer) -> None:
