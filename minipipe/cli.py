@@ -136,9 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="pipeline stages, one OS process each (default: 2 for pipelined strategies)")
     gen.add_argument("--split", metavar="A,B,...",
                      help="layers per stage, e.g. 3,5 (default: an even split over --stages)")
-    gen.add_argument("--runtime", choices=("process", "local"), default="process",
+    gen.add_argument("--runtime", choices=("process", "local", "mpi"), default="process",
                      help="process: one OS process per stage over shared-memory rings (default); local: "
-                          "all stages in one process on a virtual clock (see --cost; reported times are simulated)")
+                          "all stages in one process on a virtual clock (see --cost; reported times are simulated); "
+                          "mpi: the head on MPI rank 0 and one rank per stage, on this machine or others "
+                          "(--hostfile, --hosts; needs minipipe[mpi]). Started by hand it runs mpiexec itself; "
+                          "under mpiexec -n S+1 every other rank is a stage (docs/multihost.md)")
     gen.add_argument("--cost", choices=("fixed", "calibrated"),
                      help="local runtime: what the virtual clock charges. fixed (default): costs computed from the "
                           "models' shapes on a nominal CPU, the same on every machine, so the same command prints "
@@ -146,8 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--slow-link-ms", type=float, default=0.0, metavar="MS",
                      help="local runtime: add MS milliseconds to every hop between stages, to study a slow "
                           "interconnect (default 0)")
+    gen.add_argument("--link-delay-ms", type=float, default=0.0, metavar="MS",
+                     help="process and mpi runtimes: every hop (head to stage 0, stage to stage, last stage to "
+                          "head; on mpi also cancellations) delivers each message MS milliseconds after it was "
+                          "sent, for real, to check --slow-link-ms predictions (default 0)")
+    gen.add_argument("--hostfile", metavar="FILE",
+                     help="mpi runtime: hosts for the stage ranks, one per line (HOST or HOST:SLOTS, as mpiexec "
+                          "reads them); the head runs on this machine")
+    gen.add_argument("--hosts", metavar="H1,H2,...",
+                     help="mpi runtime: comma-separated hosts for the stage ranks (instead of --hostfile)")
     gen.add_argument("--stage-timeout", type=float, default=60.0, metavar="SECONDS",
-                     help="process runtime: stop with an error naming the stage when a stage has work waiting "
+                     help="process and mpi runtimes: stop with an error naming the stage when a stage has work waiting "
                           "but shows no sign of life for SECONDS (stopped, deadlocked), ending every process "
                           "(default 60; 0: never). A stage busy with a long prompt shows progress after "
                           "every layer, so it is not mistaken for a stalled one")
@@ -213,6 +225,9 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise InputError(f"{flag} must be between 0 and 1, got {value}")
     if not (math.isfinite(args.slow_link_ms) and args.slow_link_ms >= 0):
         raise InputError(f"--slow-link-ms must be a finite number of milliseconds >= 0, got {args.slow_link_ms}")
+    link_delay = getattr(args, "link_delay_ms", 0.0)
+    if not (math.isfinite(link_delay) and link_delay >= 0):
+        raise InputError(f"--link-delay-ms must be a finite number of milliseconds >= 0, got {link_delay}")
     if args.trace:
         _check_writable(args.trace, "--trace")
     if getattr(args, "html", None):
@@ -422,6 +437,15 @@ def _run_strategy(args, config, requests, show_progress, on_finish=None):
         except ValueError:
             raise InputError(f"--split must be comma-separated layer counts, got {args.split!r}") from None
     n_stages = args.stages if args.stages is not None else (len(split) if split else 2)
+    if args.runtime == "mpi" and args.stages is None and not split:
+        from .runtime.mpi import world_size
+
+        n_stages = world_size() - 1  # every other rank of the job is a stage
+    link_delay_ms = getattr(args, "link_delay_ms", 0.0)
+    if link_delay_ms and args.runtime == "local":
+        raise InputError("--link-delay-ms needs --runtime process or mpi (the local runtime's is --slow-link-ms)")
+    if (getattr(args, "hostfile", None) or getattr(args, "hosts", None)) and args.runtime != "mpi":
+        raise InputError("--hostfile and --hosts need --runtime mpi")
     max_running = args.max_running or (16 if args.requests else 1)
     strategy = _make_strategy(args, config, requests)
     html = getattr(args, "html", None)
@@ -451,7 +475,8 @@ def _run_strategy(args, config, requests, show_progress, on_finish=None):
     with open_pipeline(args.model, args.runtime, n_stages, split, Engine.n_seqs(strategy, max_running),
                        tracer=tracer, cost=cost, max_rows=largest_run(strategy, max_running),
                        stage_timeout=args.stage_timeout, cache_cells=args.kv_cells,
-                       row_seqs=strategy.max_row_seqs(), logits_rows=max_running * strategy.logits_rows()) as pipe:
+                       row_seqs=strategy.max_row_seqs(), logits_rows=max_running * strategy.logits_rows(),
+                       link_delay=link_delay_ms / 1e3) as pipe:
         listeners = []
         recording = None
         if tracer.enabled:  # record what the head sends (KV edit labels, hops, the viewer's replay)
@@ -598,19 +623,66 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return run_doctor(model_dir=None if args.model is None else resolve_model(args.model), quick=args.quick)
 
 
+def _mpi_stage_rank(argv: list[str]) -> bool:
+    """This process is a stage rank of `generate --runtime mpi` under mpiexec (decided before
+    parsing: stage ranks take their orders from the head, and print nothing of their own)."""
+    from .transport.mpi import env_rank
+
+    rank = env_rank()
+    if rank is None or rank == 0 or not argv or argv[0] != "generate":
+        return False
+    return "--runtime=mpi" in argv or any(a == "--runtime" and b == "mpi" for a, b in zip(argv, argv[1:]))
+
+
 def main(argv: list[str] | None = None) -> int:
     import signal
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if _mpi_stage_rank(argv):
+        from .runtime.mpi import stage_rank_main
+
+        return stage_rank_main()
     # SIGTERM unwinds like Ctrl-C, so every `with` block (processes, shared memory) cleans up
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "generate" and args.runtime == "mpi":
+        return _main_mpi(args, argv)
+    return _run_command(args)
+
+
+def _main_mpi(args, argv: list[str]) -> int:
+    """`generate --runtime mpi`: the supervisor (started by hand: runs mpiexec on this same
+    command) or the head (rank 0 under mpiexec), which ends the MPI job as it exits."""
+    from .runtime import mpi
+
+    if not mpi.under_mpi():
+        def supervise() -> int:
+            split = len(args.split.split(",")) if args.split else None
+            return mpi.supervise(argv, args.stages or split or 2, args.hostfile, args.hosts)
+
+        return _guarded(supervise)
+    mpi.head_starts()
+    try:
+        code = _run_command(args)
+    except SystemExit as e:  # SIGTERM (143) while running
+        code = e.code if isinstance(e.code, int) else 1
+        print("\nminipipe: interrupted", file=sys.stderr)
+    return mpi.finish_head(code)
+
+
+def _run_command(args) -> int:
     from .pull import cmd_pull
     from .serve import cmd_serve
 
     handlers = {"generate": cmd_generate, "doctor": cmd_doctor, "pull": cmd_pull, "serve": cmd_serve}
+    return _guarded(lambda: handlers[args.command](args))
+
+
+def _guarded(run) -> int:
+    """Run a command; user errors and interruptions become one line and an exit status."""
     try:
-        return handlers[args.command](args)
+        return run()
     except MinipipeError as e:
         print(f"minipipe: error: {e}", file=sys.stderr)
         return 1
