@@ -246,9 +246,7 @@ class TracedPipeline:
                 self._labels.pop(id(e), None)
             self.tracer.kv_labels.append(label)
         self.log.append((self.pipe.now(), "submit", msg, label))
-        self.pipe.submit(msg)
-        if isinstance(msg, Run) and type(self.pipe).__name__ != "LocalPipeline":
-            self.tracer.instant("head", f"send run {msg.run_id}", self.log[-1][0], "submit", msg.run_id)
+        self.pipe.submit(msg)  # (both runtimes mark a run's submission on the head's track themselves)
 
     def submit_edits(self, edits: list) -> None:
         from .transport.messages import KVEdits
