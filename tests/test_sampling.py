@@ -242,3 +242,41 @@ def test_mss_and_independent_drafts_run_every_request_to_the_end():
                 assert got.tokens == sampled(0, (1, 2, 3), 30, s)
             else:
                 assert got.metrics.extra["speculation"].coupled_accepted is not None
+
+
+# ------------------------------------------------------------------------------------------------
+# the filters against transformers' own warpers (skipped without the `hf` extra)
+
+
+@pytest.mark.parametrize("settings", [Sampling(0.7), Sampling(1.3, top_k=20), Sampling(0.9, top_p=0.8),
+                                      Sampling(1.0, min_p=0.1), Sampling(0.6, top_k=50, top_p=0.95, min_p=0.02)])
+def test_sampling_distribution_matches_transformers(settings):
+    """The distribution minipipe samples from equals the one transformers' warpers leave
+    (temperature, top-k, top-p, min-p, in transformers' order): the same tokens kept, the same
+    probabilities to float32 precision, on the shipped model's real logits."""
+    torch = pytest.importorskip("torch", reason="the hf extra (torch, transformers) is not installed")
+    lp = pytest.importorskip("transformers.generation.logits_process",
+                             reason="the hf extra (torch, transformers) is not installed")
+    from minipipe.mss import target_distribution
+
+    from .conftest import SHIPPED_MODELS
+
+    model = __import__("minipipe.model", fromlist=["load_stage"]).load_stage(SHIPPED_MODELS / "tinybard")
+    cache = model.new_cache()
+    from minipipe.greedy import prefill
+
+    logits = prefill(model, cache, [1, 1889, 28, 201])  # [V] after "ROMEO:\n"
+    warpers = [lp.TemperatureLogitsWarper(settings.temperature)]
+    if settings.top_k:
+        warpers.append(lp.TopKLogitsWarper(settings.top_k))
+    if settings.top_p < 1:
+        warpers.append(lp.TopPLogitsWarper(settings.top_p))
+    if settings.min_p:
+        warpers.append(lp.MinPLogitsWarper(settings.min_p))
+    scores = torch.tensor(logits[None, :])
+    for w in warpers:
+        scores = w(None, scores)
+    theirs = torch.softmax(scores.double(), dim=-1)[0].numpy()
+    ours = target_distribution(logits, settings)
+    assert np.array_equal(theirs > 0, ours > 0), "different tokens kept"
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-7)
