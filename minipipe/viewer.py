@@ -411,6 +411,7 @@ td, th { border: 1px solid #ddd; padding: 1px 5px; text-align: center; }
 .seen { background: #f0a030; color: #fff; }
 .committedseq { background: #2e8b57; color: #fff; }
 ul.tree { list-style: none; padding-left: 16px; margin: 0; font-family: ui-monospace, monospace; font-size: 12px; }
+.node { color: #222; font-weight: normal; }  /* each node its own colour, not its parent's */
 .node-cancelled { text-decoration: line-through; color: #b22; }
 .node-match { color: #1a7a1a; font-weight: bold; }
 .k-prefill { fill: #9aa7b8; } .k-plain { fill: #4a7bd0; } .k-speculative { fill: #f0a030; }
