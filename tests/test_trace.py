@@ -151,3 +151,28 @@ def test_cost_model_is_fixed_by_the_shapes():
     wide = fixed(replace(bigger, dim=2 * bigger.dim, ffn_dim=2 * bigger.ffn_dim, head_dim=2 * bigger.head_dim))
     assert wide.layer_per_row > 3 * a.layer_per_row  # four times the weights per layer
     assert isinstance(a, CostModel)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--strategy", "pipeline", "--cost", "fixed"], "--cost needs --runtime local"),
+    (["--strategy", "pipeline", "--runtime", "local", "--timeline", "--timeline-width", "5"],
+     "--timeline-width must be at least 20, got 5"),
+    (["--html", "x.html"], "--stages, --split, --trace, --timeline and --html need a pipelined --strategy"),
+    (["--strategy", "pipeline", "--html", "/nonexistent/dir/x.html"], "--html /nonexistent/dir/x.html: cannot write there"),
+])
+def test_watching_flags_refuse_bad_input_in_one_line(capsys, args, message):
+    from minipipe.cli import main
+
+    code = main(["generate", "ROMEO:", "--max-new-tokens", "2", "--quiet", *args])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith(f"minipipe: error: {message}") and err.count("\n") == 1, err
+
+
+def test_timeline_width_is_honoured(capsys):
+    from minipipe.cli import main
+
+    code = main(["generate", "ROMEO:", "--max-new-tokens", "3", "--strategy", "pipeline", "--stages", "2",
+                 "--runtime", "local", "--quiet", "--timeline", "--timeline-width", "33"])
+    err = capsys.readouterr().err
+    rows = [line for line in err.splitlines() if line.startswith(("stage", "   head"))]
+    assert code == 0 and len(rows) == 3 and all(len(r.split("|")[1]) == 33 for r in rows), err
