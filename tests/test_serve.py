@@ -115,6 +115,16 @@ def test_parameters_are_checked_like_openai():
     assert check_lengths([1] * 500, None, 16, 2048, 512) == 12  # the default budget is cut to the context
 
 
+def test_without_the_extra_serve_says_so_in_one_line():
+    code = ("import sys; sys.modules['uvicorn'] = None; sys.modules['starlette'] = None\n"
+            "from minipipe.cli import main; sys.exit(main(['serve', '--port', '0']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        "minipipe: error: minipipe serve needs the 'serve' extra (Starlette and uvicorn): "
+        "pip install 'minipipe[serve]'"]
+
+
 # ----------------------------------------------------------------------------------------------
 # a server in a subprocess
 
@@ -433,11 +443,20 @@ def wait_for(predicate, timeout: float, what: str):
 
 @needs_serve
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("strategy", ["pipeline", "specpipe"])
-def test_a_client_that_leaves_mid_stream_frees_its_request(strategy):
+@pytest.mark.parametrize("strategy,stream", [("pipeline", True), ("specpipe", True), ("tree", False)])
+def test_a_client_that_leaves_frees_its_request(strategy, stream):
+    """Mid-stream, or while waiting for a whole answer: the request is aborted, its cells freed."""
     draft = [] if strategy == "pipeline" else ["--draft-model", str(DRAFT)]
     with Server("--strategy", strategy, *draft) as server:
-        stream_then_leave(server, {"prompt": PROMPTS[1], "max_tokens": 400, "ignore_eos": True}, chunks=4)
+        body = {"prompt": PROMPTS[1], "max_tokens": 400, "ignore_eos": True}
+        if stream:
+            stream_then_leave(server, body, chunks=4)
+        else:
+            conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+            conn.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
+            wait_for(lambda: server.metrics()["minipipe_generation_tokens_total"] > 0, 20, "the first tokens")
+            conn.sock.shutdown(2)
+            conn.close()
         # aborted (not finished by its 400-token budget), and everything it held is free again
         wait_for(lambda: server.metrics().get('minipipe_requests_finished_total{reason="aborted"}') == 1, 20,
                  "the request to be aborted")
