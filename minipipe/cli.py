@@ -662,7 +662,9 @@ def _main_mpi(args, argv: list[str]) -> int:
             return mpi.supervise(argv, args.stages or split or 2, args.hostfile, args.hosts)
 
         return _guarded(supervise)
-    mpi.head_starts()
+    failed = _guarded(lambda: mpi.head_starts() or 0)  # mpi4py missing here: one line
+    if failed:
+        return failed
     try:
         code = _run_command(args)
     except SystemExit as e:  # SIGTERM (143) while running

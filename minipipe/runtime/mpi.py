@@ -436,9 +436,11 @@ class MPIPipeline(Pipeline):
 
 
 def head_starts() -> None:
-    """Rank 0 under a supervisor on this host: write to the supervisor's own stdout and stderr
-    (not through mpiexec, so the terminal, streaming and one-line errors are as without MPI),
-    and tell it our pid."""
+    """Rank 0: join the MPI job at once (so `finish_head` can always release or end the stage
+    ranks). Under a supervisor on this host, also write to the supervisor's own stdout and
+    stderr (not through mpiexec, so the terminal, streaming and one-line errors are as without
+    MPI), and tell it our pid."""
+    WORLD.start()
     value = os.environ.get(SUPERVISOR_ENV)
     if not value:
         return
@@ -606,9 +608,11 @@ def supervise(argv: list[str], n_stages: int, hostfile: str | None = None, hosts
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         previous[sig] = signal.signal(sig, forward)
+    watcher = _RankWatcher(status_file)
     try:
         while proc.poll() is None:
             time.sleep(0.05)
+            watcher.update()
             if interrupted and time.monotonic() - interrupted[1] > INTERRUPT_GRACE_S:
                 _kill_group(proc)
             head = _head_pid(status_file)
@@ -629,7 +633,7 @@ def supervise(argv: list[str], n_stages: int, hostfile: str | None = None, hosts
         if said:
             _say(said[-1])
             return 1
-        died = _who_died(lines, status_file)
+        died = _who_died(lines, status_file, watcher.first_dead)
         if died is not None:
             _say(f"minipipe: error: {died} (mpiexec ended every rank)")
             return 1
@@ -677,31 +681,84 @@ def _kill_group(proc) -> None:
         pass
 
 
-def _who_died(lines: list[str], status_file: str) -> str | None:
-    """The rank whose death made mpiexec end the job, from its report ("PID 4242 RUNNING AT
-    host", "EXIT CODE: 9") and the head's roster: "stage 1 (...) died: killed by SIGKILL"."""
+class _RankWatcher:
+    """Watches the ranks on this host (pids from the head's roster in the status file) and
+    notes which one ended first: when a rank dies, mpiexec kills all the others within
+    milliseconds, and its own report does not reliably name the first (it often names rank 0).
+    A thread waits on a pidfd per rank (Linux) with epoll."""
+
+    def __init__(self, status_file: str):
+        self.status_file = status_file
+        self.first_dead: list[str] | None = None  # the rank(s) that ended first
+        self.started = False
+
+    def update(self) -> None:
+        if self.started:
+            return
+        ranks = _roster(self.status_file)
+        if not ranks:
+            return
+        self.started = True
+        threading.Thread(target=self._watch, args=(ranks,), daemon=True).start()
+
+    def _watch(self, ranks: dict[int, str]) -> None:
+        """Wait for the first rank to end. epoll hands out ready descriptors in the order they
+        became ready, so even a late wake-up (a busy machine) names the first one to end."""
+        import select
+
+        try:
+            poller = select.epoll()
+            fds = {}
+            for pid in ranks:
+                fd = os.pidfd_open(pid)
+                fds[fd] = pid
+                poller.register(fd, select.EPOLLIN)
+        except (AttributeError, OSError):  # no pidfd here: poll the pids
+            while all(pid_alive(pid) for pid in ranks):
+                time.sleep(2e-3)
+            self.first_dead = [what for pid, what in ranks.items() if not pid_alive(pid)]
+            return
+        events = poller.poll()
+        self.first_dead = [ranks[fds[events[0][0]]]]
+        for fd in fds:
+            os.close(fd)
+        poller.close()
+
+
+def _roster(status_file: str) -> dict[int, str]:
+    """{pid: description} of the head and the stage ranks on this host, once the head wrote them."""
+    lines = _status_lines(status_file)
+    host = socket.gethostname()
+    ranks = {}
+    for line in lines:
+        if line.startswith("rank "):  # "rank R PID HOST description"
+            _, _, pid, rank_host, description = line.split(" ", 4)
+            if rank_host == host:
+                ranks[int(pid)] = description
+    head = _head_pid(status_file)
+    if not ranks or head is None:
+        return {}
+    ranks[head] = f"the head (rank 0, pid {head} on {host})"
+    return ranks
+
+
+def _who_died(lines: list[str], status_file: str, first_dead: list[str] | None) -> str | None:
+    """The rank whose death made mpiexec end the job ("stage 1 (...) died: killed by SIGKILL"):
+    the one rank on this host that ended first, how it ended from mpiexec's report ("EXIT CODE:
+    9"). None if mpiexec reported no rank's death."""
     import re
 
-    text = "\n".join(lines)
-    pid = re.search(r"PID (\d+) RUNNING AT (\S+)", text)
-    code = re.search(r"EXIT CODE: (\d+)", text)
-    if pid is None:
+    code = re.search(r"EXIT CODE: (\d+)", "\n".join(lines))
+    if code is None:
         return None
-    how = "died"
-    if code is not None:
-        n = int(code.group(1))
-        try:
-            how = f"died: killed by {signal.Signals(n).name}" if 0 < n < 64 else f"died: exited with status {n}"
-        except ValueError:
-            how = f"died: exit code {n}"
-    for line in _status_lines(status_file):
-        if line.startswith("rank "):  # "rank R PID HOST description"
-            _, _, rank_pid, rank_host, description = line.split(" ", 4)
-            if rank_pid == pid.group(1) and rank_host == pid.group(2):
-                return f"{description} {how}"
-    if str(_head_pid(status_file)) == pid.group(1):
-        return f"the head (rank 0, pid {pid.group(1)} on {pid.group(2)}) {how}"
-    return f"an MPI rank (pid {pid.group(1)} on {pid.group(2)}) {how}"
+    n = int(code.group(1))
+    try:
+        how = f"died: killed by {signal.Signals(n).name}" if 0 < n < 64 else f"died: exited with status {n}"
+    except ValueError:
+        how = f"died: exit code {n}"
+    if first_dead is not None and len(first_dead) == 1:
+        return f"{first_dead[0]} {how}"
+    return f"an MPI rank {how}"
 
 
 def _status_lines(status_file: str) -> list[str]:
