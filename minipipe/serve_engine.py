@@ -298,6 +298,7 @@ class EngineHost:
                                           self.max_positions, [self._on_event])
             while True:
                 self._take_commands(engine, block=engine.idle())
+                self._gauges(engine)  # (an abort or an admission shows at once)
                 ending = self.stopping.is_set() or self.drain_at is not None and time.monotonic() >= self.drain_at
                 if ending:
                     for request_id in [r.id for r in engine.waiting] + [d.request.id for d in engine.running]:

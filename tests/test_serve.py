@@ -292,7 +292,7 @@ def complete(client, prompt: str, max_tokens: int, stream: bool, chat: bool = Fa
 
 
 @needs_serve
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_completions_and_chat_streamed_and_not(oracle):
     tok = oracle.tokenizer
     with Server("--strategy", "speculative", "--draft-model", str(DRAFT)) as server:
@@ -330,7 +330,7 @@ def test_completions_and_chat_streamed_and_not(oracle):
 
 
 @needs_serve
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("strategy", ["pipeline", "speculative", "tree", "pipeinfer", "specpipe"])
 def test_sixteen_concurrent_clients_get_exactly_greedy(strategy, oracle):
     """16 clients at once (completions and chat, streamed and not, different lengths and seeds,
@@ -372,7 +372,7 @@ def test_sixteen_concurrent_clients_get_exactly_greedy(strategy, oracle):
 
 
 @needs_serve
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_bad_requests_get_openai_errors_never_a_traceback():
     with Server("--strategy", "pipeline", "--kv-cells", "300") as server:
         client = server.client()
@@ -442,7 +442,7 @@ def wait_for(predicate, timeout: float, what: str):
 
 
 @needs_serve
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("strategy,stream", [("pipeline", True), ("specpipe", True), ("tree", False)])
 def test_a_client_that_leaves_frees_its_request(strategy, stream):
     """Mid-stream, or while waiting for a whole answer: the request is aborted, its cells freed."""
@@ -454,15 +454,17 @@ def test_a_client_that_leaves_frees_its_request(strategy, stream):
         else:
             conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
             conn.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
-            wait_for(lambda: server.metrics()["minipipe_generation_tokens_total"] > 0, 20, "the first tokens")
+            wait_for(lambda: server.metrics()["minipipe_generation_tokens_total"] > 0, 60, "the first tokens")
             conn.sock.shutdown(2)
             conn.close()
         # aborted (not finished by its 400-token budget), and everything it held is free again
-        wait_for(lambda: server.metrics().get('minipipe_requests_finished_total{reason="aborted"}') == 1, 20,
-                 "the request to be aborted")
-        m = server.metrics()
-        assert m["minipipe_requests_running"] == 0 and m["minipipe_requests_waiting"] == 0
-        assert m["minipipe_kv_cells_in_use"] == 0 and m["minipipe_kv_cells_reserved"] == 0
+        def freed():
+            m = server.metrics()  # (the gauges are the engine thread's snapshot after its latest step)
+            return m if (m.get('minipipe_requests_finished_total{reason="aborted"}') == 1
+                         and m["minipipe_requests_running"] == 0 and m["minipipe_requests_waiting"] == 0
+                         and m["minipipe_kv_cells_in_use"] == 0 and m["minipipe_kv_cells_reserved"] == 0) else None
+
+        m = wait_for(freed, 60, "the request to be aborted and its cells freed")
         assert m["minipipe_generation_tokens_total"] < 400
         assert m["minipipe_requests_in_server"] == 0
         # the server goes on serving
@@ -472,7 +474,7 @@ def test_a_client_that_leaves_frees_its_request(strategy, stream):
 
 
 @needs_serve
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_overload_gets_429_with_retry_after():
     with Server("--strategy", "pipeline", "--max-running", "1", "--max-queue", "1") as server:
         long = {"prompt": PROMPTS[2], "max_tokens": 400, "ignore_eos": True, "stream": True}
@@ -482,7 +484,7 @@ def test_overload_gets_429_with_retry_after():
             conn.request("POST", "/v1/completions", json.dumps(long), {"content-type": "application/json"})
             holders.append(conn)
         holders[0].getresponse().fp.readline()  # the first one streams
-        wait_for(lambda: server.metrics()["minipipe_requests_in_server"] == 2, 20, "two requests in the server")
+        wait_for(lambda: server.metrics()["minipipe_requests_in_server"] == 2, 60, "two requests in the server")
         with pytest.raises(openai.RateLimitError) as e:
             server.client().completions.create(model="tinybard", prompt="x", max_tokens=2)
         assert e.value.status_code == 429 and int(e.value.response.headers["retry-after"]) >= 1
@@ -490,13 +492,13 @@ def test_overload_gets_429_with_retry_after():
         assert server.metrics()["minipipe_requests_rejected_total"] == 1
         for conn in holders:
             conn.close()
-        wait_for(lambda: server.metrics()["minipipe_requests_in_server"] == 0, 20, "the queue to empty")
+        wait_for(lambda: server.metrics()["minipipe_requests_in_server"] == 0, 60, "the queue to empty")
         assert server.client().completions.create(model="tinybard", prompt="x", max_tokens=2).usage.completion_tokens
         assert server.stop() == 0
 
 
 @needs_serve
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_sigterm_ends_requests_and_leaves_no_process_or_segment():
     with Server("--strategy", "specpipe", "--draft-model", str(DRAFT), "--grace-s", "1") as server:
         stages = server.descendants()
@@ -515,5 +517,5 @@ def test_sigterm_ends_requests_and_leaves_no_process_or_segment():
         assert events[-1] == b"data: [DONE]"  # the stream ended properly, aborted after the grace period
         assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "abort"
         assert server.proc.wait(30) == 0
-        wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in stages), 10, "the stages to end")
+        wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in stages), 30, "the stages to end")
         assert server.segments() == []
