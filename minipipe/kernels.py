@@ -58,6 +58,7 @@ Shapes use the glossary in `minipipe.config`.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import threading
 
@@ -200,6 +201,19 @@ def _padded(a: np.ndarray) -> np.ndarray:
 
 SPLIT_MIN_BYTES = 1024 * 1024  # a GEMV is split only into column ranges of at least this much weight
 CALLER_SHARE = 1.25  # the calling thread's range, relative to a worker's (workers start late: a wake-up)
+TILE_BYTES = 1024 * 1024  # weight per column tile of a row-batched GEMV (`gemv_tiles`): stays in L2/L3
+# OpenBLAS's SkylakeX GEMV takes another kernel (one FMA chain over IN instead of groups of 8)
+# when IN <= 48 (IN != 4) and the width is <= 16384: a column of such a GEMV wider than 16384
+# changes bits when computed in a range of 16384 columns or fewer. Such GEMVs are never split.
+SMALL_IN_MAX, SMALL_KERNEL_MAX_WIDTH = 48, 16384
+
+
+def splittable(n_in: int, n_out: int) -> bool:
+    """Whether a decode GEMV of this shape may be split into column ranges (threads, tiles):
+    on its padded width, a column's bits are then those of the whole GEMV in any range that
+    starts at a multiple of 16 and is a multiple of 16 wide. Not for IN <= 48 wider than 16384
+    columns, where OpenBLAS picks its kernel by the range's width (`SMALL_IN_MAX`)."""
+    return n_in > SMALL_IN_MAX or padded_width(n_out) <= SMALL_KERNEL_MAX_WIDTH
 
 
 def column_chunks(n_in: int, n_out: int, n_threads: int) -> list[tuple[int, int]]:
@@ -231,6 +245,8 @@ def column_chunks(n_in: int, n_out: int, n_threads: int) -> list[tuple[int, int]
     """
     blocks = padded_width(n_out) // COLUMN_BLOCK
     n = max(1, min(n_threads, blocks, n_in * padded_width(n_out) * 4 // SPLIT_MIN_BYTES))
+    if not splittable(n_in, n_out):
+        n = 1
     if n == 1:
         return [(0, blocks * COLUMN_BLOCK)]
     weights = [CALLER_SHARE] + [1.0] * (n - 1)
@@ -274,11 +290,47 @@ def gemv_threads() -> int:
     return 1 if _Gemv.team is None else _Gemv.team.n_threads
 
 
+def gemv_tiles(n_in: int, n_out: int, a: int = 0, b: int | None = None,
+               tile_bytes: int | None = None) -> tuple[tuple[int, int], ...]:
+    """The column tiles of a row-batched GEMV over columns [a, b) of an [n_in, n_out] weight
+    (default: the whole padded width): [start, end) ranges at multiples of 16 columns, each
+    holding about `tile_bytes` of weight (default TILE_BYTES; even sizes), so that a tile read
+    from memory for the first row stays in the CPU caches for the others. One tile (the whole
+    range) for a GEMV that may not be split (`splittable`) or that fits in one tile.
+    -> ((start, end), ...)"""
+    if tile_bytes is None:
+        return _tiles(n_in, n_out, a, b, TILE_BYTES)
+    return _tiles(n_in, n_out, a, b, tile_bytes)
+
+
+@functools.lru_cache(maxsize=4096)
+def _tiles(n_in: int, n_out: int, a: int, b: int | None, tile_bytes: int) -> tuple[tuple[int, int], ...]:
+    width = padded_width(n_out)
+    b = width if b is None else b
+    assert a % COLUMN_BLOCK == 0 and b % COLUMN_BLOCK == 0 and 0 <= a < b <= width, (a, b, width)
+    blocks = (b - a) // COLUMN_BLOCK
+    n = min(blocks, -(-n_in * (b - a) * 4 // max(1, tile_bytes))) if splittable(n_in, n_out) else 1
+    bounds = [a + (blocks * k // n) * COLUMN_BLOCK for k in range(n + 1)]  # even split, multiples of 16
+    return tuple(zip(bounds, bounds[1:]))
+
+
 def _gemv_rows(rows: np.ndarray, w: np.ndarray, out: np.ndarray, a: int, b: int) -> None:
-    """out[i, a:b] = rows[i] @ w[:, a:b] for every row, one GEMV each (w, out: padded widths)."""
-    wc = w[:, a:b] if a or b != w.shape[1] else w
-    for i in range(rows.shape[0]):
-        np.matmul(rows[i], wc, out=out[i, a:b])  # [IN] @ [IN, b - a] -> [b - a]
+    """out[i, a:b] = rows[i] @ w[:, a:b] for every row (w, out: padded widths).
+
+    One row: one GEMV over [a, b). Several rows: the row-batched GEMV, tile by tile
+    (`gemv_tiles`): for each column tile every row's GEMV over that tile, then the next tile,
+    so each tile of W comes from memory about once for all the rows. A column's bits are the
+    same in every tile split, since every tile starts at a multiple of 16 and is a multiple of
+    16 wide (`splittable`)."""
+    n_rows = rows.shape[0]
+    if n_rows == 1:
+        wc = w[:, a:b] if a or b != w.shape[1] else w
+        np.matmul(rows[0], wc, out=out[0, a:b])  # [IN] @ [IN, b - a] -> [b - a]
+        return
+    for s, e in _tiles(w.shape[0], w.shape[1], a, b, TILE_BYTES):
+        wc, oc = w[:, s:e], out[:, s:e]  # [IN, e - s], [T, e - s]
+        for i in range(n_rows):
+            np.matmul(rows[i], wc, out=oc[i])  # [IN] @ [IN, e - s] -> [e - s]
 
 
 def gemv_rows(rows: np.ndarray, w: np.ndarray, out: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
@@ -286,18 +338,24 @@ def gemv_rows(rows: np.ndarray, w: np.ndarray, out: np.ndarray, b: np.ndarray | 
 
     rows: [T, IN] and out: [T, OUT] in row slots (`row_slots`); w: [IN, OUT] from
     `linear_weight`. The caller guarantees the layouts (`linear_rows` checks and copies).
-    Runs on the padded width, split over the GEMV threads by `column_chunks`.  -> out
+    Runs on the padded width. One row: one GEMV (split over the GEMV threads by
+    `column_chunks`, or on OpenBLAS's threads). Several rows: the row-batched GEMV
+    (`_gemv_rows`: column tiles, every row's GEMV over a tile before the next), on minipipe's
+    threads' column ranges when there are GEMV threads. Every row's bits are those of its
+    single-row GEMV on one thread.  -> out
     """
     wp, outp = _padded(w), _padded(out)  # [IN, OUT'], [T, OUT']: OUT' a multiple of 16
     team = _Gemv.team
     if team is None:
-        for i in range(rows.shape[0]):
-            np.matmul(rows[i], wp, out=outp[i])  # [IN] @ [IN, OUT'] -> [OUT']
-    elif _Gemv.use_blas_threads and wp.shape[1] % (COLUMN_BLOCK * team.n_threads) == 0:
+        if rows.shape[0] == 1:
+            np.matmul(rows[0], wp, out=outp[0])  # [IN] @ [IN, OUT'] -> [OUT']
+        else:
+            _gemv_rows(rows, wp, outp, 0, wp.shape[1])
+    elif (rows.shape[0] == 1 and _Gemv.use_blas_threads and wp.shape[1] % (COLUMN_BLOCK * team.n_threads) == 0
+          and splittable(w.shape[0], w.shape[1])):
         blas.set_threads(team.n_threads)  # OpenBLAS splits OUT' evenly: at multiples of 16 here
         try:
-            for i in range(rows.shape[0]):
-                np.matmul(rows[i], wp, out=outp[i])
+            np.matmul(rows[0], wp, out=outp[0])
         finally:
             blas.set_threads(1)
     else:
