@@ -55,9 +55,10 @@ same links as data, so with `--link-delay-ms` they too arrive `delay` after they
 A run that ends normally shuts the stages down (Shutdown travels through every stage and back)
 and every rank finalizes MPI. Any other end calls MPI_Abort from the head once its line is out,
 which makes the MPI launcher kill every rank on every host, a stopped one included; its own
-"Abort(...)" line is not shown. A stage rank that is killed outright while mpiexec's default
-clean-up is on makes mpiexec end the whole job itself, with MPI's banner; the supervisor runs
-mpiexec with `-disable-auto-cleanup`, so that the head can name the rank instead.
+"Abort(...)" line is not shown. A stage rank that is killed outright makes mpiexec end the
+whole job itself (its default clean-up), the head included, with MPI's own report; when minipipe
+started mpiexec (the supervisor), it watches the ranks on its host, notes which one ended first
+(`_RankWatcher`) and says so in the one line instead.
 """
 
 from __future__ import annotations
