@@ -13,17 +13,25 @@ The context is always the full token list (prompt + committed + the speculative 
 |                 | occurred                                       |                                |
 | `OracleDraft`   | the target's true greedy continuation, right   | tests and benchmarks:          |
 |                 | with probability p per position, else wrong    | controlled acceptance          |
+| `self:K`        | the target's own first K layers, final norm    | real checkpoints without a     |
+|                 | and head (a `DraftModel` sharing its arrays)   | draft (self-speculation)       |
+| `MergedDraft`   | several sources at once; their guesses merged  | SpecInfer's merge-based trees  |
 
 A draft never affects which tokens are emitted (only the target's own choice — its argmax, or its
 keyed Gumbel-max sample — is committed); it only decides how much speculative work is useful.
 When a request samples, every source drafts *coupled*: it ranks guesses with the same noise the
 target's sample at that position uses (`fork(prompt, sampling)`), which keeps acceptance high
 when draft and target agree in distribution.
+
+`build_draft` turns the command line's spelling of a source (`--draft-model`) into one; a
+decoder sees its request's fork through a `minipipe.drafter.Drafter` (where the draft runs, what
+it computed ahead, and how far its confidence is to be trusted). docs/drafts.md compares them.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import random
 from collections.abc import Callable, Sequence
 
@@ -60,6 +68,10 @@ class DraftSource:
     def top(self, context: Sequence[int], k: int) -> list[Guess]:
         """Up to k guesses for the token after `context`, most probable first."""
         raise NotImplementedError
+
+    def top_many(self, contexts: Sequence[Sequence[int]], k: int) -> list[list[Guess]]:
+        """`top(context, k)` for several contexts; a draft model answers them in one forward."""
+        return [self.top(context, k) for context in contexts]
 
     def propose_chain(self, context: Sequence[int], k: int, min_confidence: float = 0.0) -> list[Guess]:
         """Greedily extend `context` by up to k tokens, stopping early when the draft's own
@@ -232,6 +244,13 @@ class DraftModel(DraftSource):
         self.last_probs = kernels.softmax(self.last_logits[None, :])[0]
         return self.last_probs
 
+    def top_many(self, contexts: Sequence[Sequence[int]], k: int) -> list[list[Guess]]:
+        """Every context's guesses, their new rows computed in one batched forward (`DraftPool.prefetch`)."""
+        rows = self.pool.prefetch([(self, list(c)) for c in contexts])
+        if rows:
+            self.n_rows, self.n_forwards = self.n_rows + rows, self.n_forwards + 1
+        return [self.top(context, k) for context in contexts]
+
     def sampling_distribution(self, context: Sequence[int]) -> np.ndarray:
         """The draft's distribution after `context` at the request's temperature and filters,
         over the target's vocabulary (what MSS calls q).  -> [V'] float64"""
@@ -285,7 +304,12 @@ class NgramDraft(DraftSource):
 
     Example: context [1, 2, 3, 4, 2, 3], max_n = 3: [4, 2, 3] never occurred before; [2, 3]
     occurred at index 1, followed by 4 — so the guess is 4 (then, chained, whatever followed).
-    Probability: the fraction of the matches of that n-gram that continue with the guess.
+
+    Probability: Laplace's rule of succession over the matches of that n-gram, (c + 1) / (m + 2)
+    for a guess that followed c of its m occurrences: one match gives 2/3, not certainty, and an
+    n-gram that always continued the same way approaches 1 as it recurs. It is the draft's own
+    claim; a decoder trusts it only as far as this request's measured acceptance of guesses with
+    that claim allows (`minipipe.drafter.Calibration`).
     """
 
     name = "ngram"
@@ -314,7 +338,7 @@ class NgramDraft(DraftSource):
                     score = {t: np.log(followers[t] / total) / self.sampling.temperature + float(g)
                              for t, g in zip(order, noise)}
                     ranked = sorted(order, key=lambda t: -score[t])
-                return [(t, followers[t] / total) for t in ranked[:k]]
+                return [(t, (followers[t] + 1) / (total + 2)) for t in ranked[:k]]
         return []
 
 
@@ -338,12 +362,22 @@ class OracleDraft(DraftSource):
         self.truth = [] if callable(truth) else [int(t) for t in truth]
         self.p, self.vocab_size, self.seed = p, vocab_size, seed
         self.n_prompt = 0
-        self.n_calls = 0
+        self.n_calls = self.n_forwards = 0
 
     @property
     def tokens_computed(self) -> int:
         """Each question costs what one draft-model row would (so the virtual clock charges it)."""
         return self.n_calls
+
+    @property
+    def forwards_computed(self) -> int:
+        """Questions asked together (`top_many`) cost one forward, like a draft model's batch."""
+        return self.n_forwards
+
+    def top_many(self, contexts: Sequence[Sequence[int]], k: int) -> list[list[Guess]]:
+        out = [self.top(context, k) for context in contexts]
+        self.n_forwards -= max(0, len(contexts) - 1)  # one forward for all of them
+        return out
 
     def reset(self, prompt: Sequence[int]) -> None:
         self.n_prompt = len(prompt)
@@ -352,13 +386,14 @@ class OracleDraft(DraftSource):
 
     def fork(self, prompt: Sequence[int], sampling: Sampling | None = None) -> "OracleDraft":
         clone = copy.copy(self)
-        clone.n_calls = 0
+        clone.n_calls = clone.n_forwards = 0
         clone.sampling = GREEDY if sampling is None else sampling
         clone.reset(prompt)
         return clone
 
     def top(self, context: Sequence[int], k: int) -> list[Guess]:
         self.n_calls += 1
+        self.n_forwards += 1
         j = len(context) - self.n_prompt  # index into truth of the token to guess
         on_track = 0 <= j < len(self.truth) and list(context[self.n_prompt:]) == self.truth[:j]
         right = self.truth[j] if 0 <= j < len(self.truth) else None
@@ -377,6 +412,148 @@ class OracleDraft(DraftSource):
         wrong = [t for t in others.sample(range(self.vocab_size), min(self.vocab_size, k + 1)) if t != right]
         guesses = wrong[:k] if rank is None else wrong[:rank] + [right] + wrong[rank:]
         return [(t, 1.0 if i == 0 else 0.5 ** i) for i, t in enumerate(guesses[:k])]
+
+
+class MergedDraft(DraftSource):
+    """Several draft sources asked together (SpecInfer's merge-based token trees).
+
+    `top(context, k)`: every source's k best guesses, merged — a token several sources guess
+    appears once, with the highest probability any of them gave it — most probable first (ties:
+    the earlier source first), at most k of them. The tree strategies go further and let each
+    source grow its own tree, then merge the trees (`TokenTree.merge`: shared prefixes become one
+    path), so one verification checks every source's proposal (`sources`).
+    """
+
+    name = "merged"
+
+    def __init__(self, sources: Sequence[DraftSource]):
+        if len(sources) < 2:
+            raise ValueError("a merged draft needs at least two sources")
+        self.sources = list(sources)
+        self.name = "+".join(s.name for s in self.sources)
+
+    def fork(self, prompt: Sequence[int], sampling: Sampling | None = None) -> "MergedDraft":
+        clone = copy.copy(self)
+        clone.sources = [s.fork(prompt, sampling) for s in self.sources]
+        clone.sampling = GREEDY if sampling is None else sampling
+        return clone
+
+    def reset(self, prompt: Sequence[int]) -> None:
+        for s in self.sources:
+            s.reset(prompt)
+
+    def release(self) -> None:
+        for s in self.sources:
+            s.release()
+
+    def top(self, context: Sequence[int], k: int) -> list[Guess]:
+        return merge_guesses([s.top(context, k) for s in self.sources], k)
+
+    def top_many(self, contexts: Sequence[Sequence[int]], k: int) -> list[list[Guess]]:
+        answers = [s.top_many(contexts, k) for s in self.sources]  # [sources][contexts]
+        return [merge_guesses([a[i] for a in answers], k) for i in range(len(contexts))]
+
+    @property
+    def tokens_computed(self) -> int:
+        return sum(s.tokens_computed for s in self.sources)
+
+    @property
+    def forwards_computed(self) -> int:
+        return sum(s.forwards_computed for s in self.sources)
+
+
+def merge_guesses(lists: Sequence[list[Guess]], k: int) -> list[Guess]:
+    """One ranking from several: each token once, at the highest probability given to it, most
+    probable first (ties: the order the lists came in), the first k."""
+    best: dict[int, tuple[float, int]] = {}  # token -> (probability, order of first appearance)
+    for guesses in lists:
+        for token, prob in guesses:
+            seen = best.get(token)
+            if seen is None:
+                best[token] = (prob, len(best))
+            elif prob > seen[0]:
+                best[token] = (prob, seen[1])
+    ranked = sorted(best.items(), key=lambda item: (-item[1][0], item[1][1]))
+    return [(token, prob) for token, (prob, _) in ranked[:k]]
+
+
+def self_draft_model(stages: Sequence[StageModel], k: int) -> StageModel:
+    """Self-speculation (Draft & Verify, LayerSkip): the target's own first `k` layers, then its
+    final norm and LM head, as one model. `stages` hold the target's layers in order (a whole
+    model, or a pipeline's stage models); the draft shares their arrays — nothing is copied —
+    and keeps its own KV cache. Its K/V for layer i equal the target's layer i's only when both
+    read the same context: they are separate caches."""
+    from dataclasses import replace
+
+    from .weights import StageWeights
+
+    layers = [lw for m in stages for lw in m.weights.layers]
+    n_layers = stages[0].config.n_layers
+    if not 1 <= k < n_layers or len(layers) < k:
+        raise InputError(f"self:{k} needs 1 <= K < the model's {n_layers} layers")
+    first, last = stages[0], stages[-1]
+    if first.weights.embed is None or last.weights.head is None:
+        raise ValueError("self_draft_model needs the first stage (embedding) and the last (norm and head)")
+    weights = StageWeights(replace(first.config, n_layers=k), 0, k, layers[:k], first.weights.embed,
+                           last.weights.final_norm, last.weights.head)
+    return StageModel(weights)
+
+
+def parse_self(spec: str, n_layers: int) -> int:
+    """The K of `self:K` (`self` alone: `default_self_layers`), checked against the model."""
+    if spec == "self":
+        return default_self_layers(n_layers)
+    try:
+        k = int(spec.split(":", 1)[1])
+    except ValueError:
+        k = 0
+    if not 1 <= k < n_layers:
+        raise InputError(f"self-drafts are spelled self:K with K between 1 and {n_layers - 1} (the model has "
+                         f"{n_layers} layers), got {spec!r}")
+    return k
+
+
+def default_self_layers(n_layers: int) -> int:
+    """`self` without K: half the layers (docs/drafts.md: SmolLM2's measured agreement by K)."""
+    return max(1, n_layers // 2)
+
+
+def build_draft(spec: str | None, target_dir, config, stages: Sequence[StageModel] | None = None,
+                truth_of: Callable | None = None) -> DraftSource:
+    """A draft source from its command-line spelling (`--draft-model`):
+
+    a checkpoint directory or model name (default: the shipped `tinybard-draft`), `ngram`,
+    `oracle:P` (needs `truth_of(prompt, sampling)`: the target's own continuation), `self:K`
+    (the target's first K layers: shares `stages`' arrays when given, else loads those layers),
+    or several of them joined by `+` (a `MergedDraft`)."""
+    from .model import load_stage
+    from .paths import DEFAULT_DRAFT, resolve_model
+    from .weights import Checkpoint, load_stage_weights
+
+    if spec is not None and "+" in spec:
+        return MergedDraft([build_draft(part, target_dir, config, stages, truth_of) for part in spec.split("+")])
+    if spec == "ngram":
+        return NgramDraft()
+    if spec is not None and (spec == "oracle" or spec.startswith("oracle:")):
+        try:
+            p = float(spec.split(":", 1)[1]) if ":" in spec else 0.8
+        except ValueError:
+            p = math.nan
+        if not 0.0 <= p <= 1.0:  # NaN fails too
+            raise InputError(f"oracle drafts are spelled oracle:P with P a probability between 0 and 1, got {spec!r}")
+        return OracleDraft(truth_of, p, config.vocab_size)
+    if spec is not None and (spec == "self" or spec.startswith("self:")):
+        k = parse_self(spec, config.n_layers)
+        if stages is None:  # no target in this process: load the first k layers, the norm and the head
+            stages = [StageModel(load_stage_weights(Checkpoint(target_dir), config, 0, k, with_embed=True,
+                                                    with_head=True))]
+        draft = DraftModel(self_draft_model(stages, k), target_vocab=config.vocab_size)
+        draft.name = f"self:{k}"
+        return draft
+    draft_dir = resolve_model(spec, default=DEFAULT_DRAFT)
+    model = load_stage(draft_dir)
+    check_compatible(target_dir, draft_dir, config.vocab_size, model.config.vocab_size)
+    return DraftModel(model, target_vocab=config.vocab_size)
 
 
 def check_compatible(target_dir, draft_dir, target_vocab: int, draft_vocab: int) -> None:

@@ -87,7 +87,8 @@ class Engine:
         if getattr(pipe, "tracer", None) is not None and pipe.tracer.enabled:
             self.bus.subscribe(self._trace)
         self.head = Head(n_stages=pipe.n_stages, new_id=pipe.new_run_id, now=pipe.now, answer_waiting=pipe.poll,
-                         draft_work=pipe.draft_work, emit=self.bus.emit)
+                         draft_work=pipe.draft_work, emit=self.bus.emit, draft_wait=pipe.draft_wait,
+                         draft_ahead=pipe.has_draft_lane)
         self.t0 = pipe.now()  # arrival times count from here
         self.waiting: deque[Request] = deque()  # in arrival order
         self.running: list[Decoder] = []  # in admission order
@@ -272,10 +273,11 @@ class Engine:
         drafting for many requests costs little more than for one."""
         by_pool: dict[int, tuple] = {}
         for decoder in decoders:
-            pool = getattr(getattr(decoder, "draft", None), "pool", None)
+            pool = None if decoder.draft is None else decoder.draft.pool
             needs = decoder.draft_needs() if pool is not None else []
             if needs:
-                by_pool.setdefault(id(pool), (pool, []))[1].extend((decoder.draft, c) for c in needs)
+                fork = getattr(decoder.draft.source, "inner", decoder.draft.source)  # (a traced draft's own)
+                by_pool.setdefault(id(pool), (pool, []))[1].extend((fork, c) for c in needs)
         for pool, queries in by_pool.values():
             rows = pool.prefetch(queries)
             if rows:

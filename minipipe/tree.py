@@ -112,16 +112,37 @@ class TokenTree:
             offer(self.add(parent, token, prob))
         return self
 
+    def merge(self, other: "TokenTree") -> "TokenTree":
+        """Add `other`'s nodes to this tree (SpecInfer's merge of several drafts' trees; both
+        trees share the root). A node of `other` whose parent chain and token already exist here
+        is that node (a shared prefix is one path; its probabilities stay this tree's); the rest
+        are added under their matched parents, in `other`'s order."""
+        here = {0: 0}  # other's node -> this tree's node
+        for i, node in enumerate(other.nodes[1:], start=1):  # a parent always comes before its children
+            parent = here[node.parent]
+            child = self.match(parent, node.token)
+            here[i] = child if child is not None else self.add(parent, node.token, node.prob)
+        return self
+
     # ------------------------------------------------------------------------------------------
     # verifying
 
-    def branch_seqs(self, first_seq: int) -> dict[int, tuple[int, ...]]:
-        """Sequence ids per node: leaf b gets first_seq + b; a node has those of its leaves."""
-        seqs: dict[int, set[int]] = {i: set() for i in range(len(self.nodes))}
-        for b, leaf in enumerate(self.leaves()):
-            for i in [0] + self.path(leaf):
-                seqs[i].add(first_seq + b)
-        return {i: tuple(sorted(s)) for i, s in seqs.items()}
+    def branch_seqs(self, first_seq: int) -> list[tuple[int, ...]]:
+        """Sequence ids per node: leaf b gets first_seq + b; a node has those of its leaves.
+
+        Leaves are numbered in node order, and a node's leaves are gathered from its children's
+        (children come after their parent, so one backward pass suffices): the cost is the sum
+        of the lists, one entry per (node, leaf below it) — leaves × depth, never leaves²."""
+        leaf_number = {leaf: b for b, leaf in enumerate(self.leaves())}
+        seqs: list[list[int]] = [[] for _ in self.nodes]
+        for i in range(len(self.nodes) - 1, -1, -1):
+            node = self.nodes[i]
+            if not node.children:
+                seqs[i] = [first_seq + leaf_number[i]]
+            else:
+                seqs[i] = [s for c in node.children for s in seqs[c]]
+                seqs[i].sort()
+        return [tuple(s) for s in seqs]
 
     def batch(self, root_pos: int, first_seq: int, include_root: bool = True) -> Batch:
         """Flatten into one verification batch (node order = row order).

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from minipipe.draft import DraftModel, NgramDraft, OracleDraft
+from minipipe.draft import DraftModel, MergedDraft, NgramDraft, OracleDraft, self_draft_model
 from minipipe.greedy import generate_greedy
 from minipipe.runtime import split_layers
 from minipipe.synthetic import random_model
 
 ORACLE_P = {"never": 0.0, "always": 1.0, "half": 0.5, "mostly": 0.85}
-DRAFT_KINDS = ["model", "ngram", *ORACLE_P]
+DRAFT_KINDS = ["model", "ngram", "self", "merged", *ORACLE_P]
 
 
 class RandomPair:
@@ -43,11 +43,20 @@ class RandomPair:
     def _draft_model(self, seed: int):
         return random_model(seed=self.draft_seed + seed, **self.draft)
 
-    def make_draft(self, kind: str, seed: int, prompt, n: int):
-        """A draft source: a random draft model, prompt lookup, or an oracle right with some p."""
+    def self_draft(self, seed: int, n_stages: int = 1, k: int = 1):
+        """Self-speculation: the target's own first k layers (sharing the stage models' arrays)."""
+        return DraftModel(self_draft_model(self.stage_models(seed, n_stages), k))
+
+    def make_draft(self, kind: str, seed: int, prompt, n: int, n_stages: int = 1):
+        """A draft source: a random draft model, prompt lookup, the target's own first layers
+        ("self"), several merged ("merged": model + self + n-gram), or an oracle right with some p."""
         if kind == "model":
             return DraftModel(self.draft_model(seed))
         if kind == "ngram":
             return NgramDraft()
+        if kind == "self":
+            return self.self_draft(seed, n_stages, k=1 + seed % (self.target["n_layers"] - 1))
+        if kind == "merged":
+            return MergedDraft([DraftModel(self.draft_model(seed)), self.self_draft(seed, n_stages), NgramDraft()])
         return OracleDraft(self.truth(seed, tuple(prompt), n) + [0] * 30, ORACLE_P[kind], self.vocab_size,
                            seed=seed)

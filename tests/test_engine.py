@@ -34,6 +34,8 @@ def shared_draft(kind: str, seed: int):
         return DraftModel(PAIR.draft_model(seed))
     if kind == "ngram":
         return NgramDraft()
+    if kind in ("self", "merged"):
+        return PAIR.make_draft(kind, seed, (), MAX_NEW)
     return OracleDraft(lambda prompt, sampling: PAIR.truth(seed, tuple(prompt), MAX_NEW) + [0] * 30, ORACLE_P[kind],
                        PAIR.vocab_size, seed=seed)
 
@@ -52,7 +54,7 @@ def oracle(seed: int, prompt, n: int) -> list[int]:
 def test_every_request_equals_greedy_alone(data):
     name = data.draw(st.sampled_from(STRATEGIES), label="strategy")
     seed = data.draw(st.integers(0, 2), label="seed")
-    kind = data.draw(st.sampled_from(["model", "ngram", "never", "half", "always"]), label="draft")
+    kind = data.draw(st.sampled_from(["model", "ngram", "self", "merged", "never", "half", "always"]), label="draft")
     specs = data.draw(requests_st, label="requests")
     n_stages = data.draw(st.integers(1, 4), label="stages")
     max_running = data.draw(st.integers(1, 6), label="max running")

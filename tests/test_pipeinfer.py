@@ -32,9 +32,10 @@ def test_pipeinfer_equals_greedy_under_any_interleaving(data):
     n_stages = data.draw(st.integers(1, 6), label="stages")
     prompt = tuple(data.draw(st.lists(st.integers(0, 22), min_size=1, max_size=8), label="prompt"))
     n = data.draw(st.integers(1, 24), label="tokens")
-    kind = data.draw(st.sampled_from(["model", "ngram", "never", "always", "half", "mostly"]), label="draft")
+    kind = data.draw(st.sampled_from(["model", "ngram", "self", "merged", "never", "always", "half", "mostly"]),
+                     label="draft")
     strategy = PipeInferStrategy(
-        make_draft(kind, seed, prompt, n),
+        make_draft(kind, seed, prompt, n, n_stages),
         p_accept=data.draw(st.sampled_from([0.0, 0.2, 0.5, 0.9]), label="p_accept"),
         p_split=data.draw(st.sampled_from([0.0, 0.1, 0.3]), label="p_split"),
         p_recovery=data.draw(st.sampled_from([0.0, 0.1, 0.3]), label="p_recovery"),

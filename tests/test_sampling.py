@@ -47,6 +47,8 @@ def draft_for(kind: str, seed: int, sampling: Sampling, n: int):
         return DraftModel(random_model(seed=seed, **TARGET))
     if kind == "ngram":
         return NgramDraft()
+    if kind in ("self", "merged"):  # the target's first layers; or a model, the first layers and n-grams merged
+        return PAIR.make_draft(kind, seed, (), n)
     return OracleDraft(lambda prompt, s: sampled(seed, prompt, n, s) + [0] * 30, ORACLE_P[kind], 31, seed=seed)
 
 
@@ -57,7 +59,7 @@ def test_every_strategy_equals_sequential_sampling(data):
     sampling = data.draw(samplings, label="sampling")
     prompt = tuple(data.draw(st.lists(st.integers(0, 30), min_size=1, max_size=6), label="prompt"))
     n = data.draw(st.integers(1, 24), label="tokens")
-    kind = data.draw(st.sampled_from(["model", "target", "ngram", "half", "always"]), label="draft")
+    kind = data.draw(st.sampled_from(["model", "target", "ngram", "self", "merged", "half", "always"]), label="draft")
     strategy = make_strategy(name, draft_for(kind, seed, sampling, n))
     chooser = DrawChooser(data) if data.draw(st.booleans(), label="chooser") else None
     pipe = LocalPipeline(PAIR.stage_models(seed, data.draw(st.integers(1, 4), label="stages")),

@@ -27,9 +27,12 @@ def test_specpipe_equals_greedy_under_any_interleaving(data):
     n_stages = data.draw(st.integers(1, 8), label="stages")
     prompt = tuple(data.draw(st.lists(st.integers(0, 22), min_size=1, max_size=8), label="prompt"))
     n = data.draw(st.integers(1, 24), label="tokens")
-    kind = data.draw(st.sampled_from(["model", "ngram", "never", "always", "half", "mostly"]), label="draft")
-    strategy = SpecPipeStrategy(make_draft(kind, seed, prompt, n), width=data.draw(st.integers(1, 4), label="width"),
-                                max_nodes=data.draw(st.sampled_from([16, 64]), label="max nodes"))
+    kind = data.draw(st.sampled_from(["model", "ngram", "self", "merged", "never", "always", "half", "mostly"]),
+                     label="draft")
+    strategy = SpecPipeStrategy(make_draft(kind, seed, prompt, n, n_stages),
+                                width=data.draw(st.integers(1, 4), label="width"),
+                                max_nodes=data.draw(st.sampled_from([16, 64]), label="max nodes"),
+                                min_path=data.draw(st.sampled_from([0.0, 0.3]), label="min path"))
     chooser = DrawChooser(data) if data.draw(st.booleans(), label="chooser") else None
     pipe = LocalPipeline(stage_models(seed, n_stages), n_seqs=strategy.n_seqs, chooser=chooser)
     got = generate(strategy, pipe, prompt, n, max_positions=TARGET["max_positions"])

@@ -39,8 +39,8 @@ def test_speculative_strategies_equal_greedy(data):
     n_stages = data.draw(st.integers(1, 4), label="stages")
     prompt = tuple(data.draw(st.lists(st.integers(0, 28), min_size=1, max_size=8), label="prompt"))
     n = data.draw(st.integers(1, 20), label="tokens")
-    kind = data.draw(st.sampled_from(["model", "ngram", "never", "always", "half"]), label="draft")
-    draft = make_draft(kind, seed, prompt, n)
+    kind = data.draw(st.sampled_from(["model", "ngram", "self", "merged", "never", "always", "half"]), label="draft")
+    draft = make_draft(kind, seed, prompt, n, n_stages)
     shape = data.draw(st.sampled_from(["chain", "schedule", "budget"]), label="tree shape")
     if shape == "chain":
         strategy = SpeculativeStrategy(draft, k=data.draw(st.integers(1, 8), label="k"),

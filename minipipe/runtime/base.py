@@ -98,9 +98,16 @@ class Pipeline(ABC):
         if delay > 0:
             time.sleep(delay)
 
-    def draft_work(self, n_rows: int, forwards: int | None = None) -> None:
-        """The head's draft model computed `n_rows` rows in `forwards` forward calls (default: one
-        per row); the local runtime charges their cost."""
+    has_draft_lane = False  # drafting runs off the head's critical path (the local runtime's virtual clock)
+
+    def draft_work(self, n_rows: int, forwards: int | None = None, wait: bool = True) -> float:
+        """The draft computed `n_rows` rows in `forwards` forward calls (default: one per row);
+        returns when that work is done. The local runtime charges it on the draft's lane (the head
+        waiting for it if `wait`); here it ran in the head, so it is done now."""
+        return self.now()
+
+    def draft_wait(self, t: float) -> None:
+        """The head needs a draft answer that is ready at `t` (local runtime: its clock waits)."""
 
     def now(self) -> float:
         """The head's clock (seconds; virtual in the local runtime)."""

@@ -95,18 +95,20 @@ def fixed(config, draft_config=None) -> CostModel:
     """Costs that depend only on the models' shapes (never on this machine): the nominal CPU
     (`NOMINAL`) streams a layer's float32 weights once per run (`layer_fixed`) and computes its
     multiply-adds once per row (`layer_per_row`); prompt rows cost a fifth of that (one GEMM over
-    the chunk); the LM head likewise. A drafted token costs one row through the whole draft model
-    (without a draft model — n-gram or oracle drafts — a tenth of one target token); a forward
-    of several draft rows streams the draft's weights once (`draft_fixed`). Hops and KV
-    edits keep the defaults of `CostModel`. Deterministic: the same command prints the same times
-    on every machine."""
+    the chunk); the LM head likewise. A draft forward of r rows streams the draft's weights once
+    (`draft_fixed`) and adds each row's multiply-adds (`draft_per_token`): one row costs one token
+    of the draft model. Without a draft model (n-gram or oracle drafts) the draft is priced as a
+    model a tenth of the target's cost: one row a tenth of a target token, and a forward of several
+    rows a tenth of the target's fixed and per-row parts. Hops and KV edits keep the defaults of
+    `CostModel`. Deterministic: the same command prints the same times on every machine."""
     P, head = _layer_params(config), config.dim * config.vocab_size
     w, f, call = NOMINAL["weight_bytes_per_s"], NOMINAL["flops_per_s"], NOMINAL["per_call_s"]
-    if draft_config is not None:  # a forward streams the draft's weights once; each row adds its multiply-adds
-        draft_row = _token_cost(draft_config, 2) - _token_cost(draft_config, 1)
-        draft_fixed = _token_cost(draft_config, 1) - draft_row
+    if draft_config is None:  # the model-free draft: priced as a model a tenth of the target's cost
+        draft_config, scale = config, 0.1
     else:
-        draft_row, draft_fixed = 0.1 * _token_cost(config), 0.0
+        scale = 1.0
+    draft_row = scale * (_token_cost(draft_config, 2) - _token_cost(draft_config, 1))
+    draft_fixed = scale * _token_cost(draft_config, 1) - draft_row
     return CostModel(layer_fixed=call + 4 * P / w, layer_per_row=2 * P / f, prefill_per_row=2 * P / f / 5,
                      head_fixed=call + 4 * head / w, head_per_row=2 * head / f, draft_per_token=draft_row,
                      draft_fixed=draft_fixed)

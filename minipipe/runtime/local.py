@@ -10,8 +10,14 @@ anew on each run, so times differ between runs and machines):
   times, timelines and counters on every machine. Each stage processes its input in order; a
   step (one layer of a run, or one KV edit) starts when the stage is free and the message has arrived, and lasts what the cost model says;
   a message reaches the next stage one hop later. The head's clock advances with its own work
-  (`draft_work`) and when it waits for an answer. Stages are simulated lazily, up to the head's
-  current time, whenever the head looks (`poll`, `receive`) or acts on timing (`cancel`).
+  and when it waits for an answer. Stages are simulated lazily, up to the head's current time,
+  whenever the head looks (`poll`, `receive`) or acts on timing (`cancel`).
+* **the draft's lane** (`draft_lane=True`, the default): the draft runs on a processor of its
+  own, a track named "draft". Drafting asked at head time t starts when the lane is free (and
+  not before t) and lasts what the cost model says; the head waits for it only when it needs
+  the answer (`draft_wait`), so decoders that draft ahead of need (`minipipe.drafter`) keep the
+  draft off the head's critical path. With `draft_lane=False` the head drafts itself, on its own
+  track and clock, as a draft in the head process would.
 * **chooser mode** (`chooser=...`): no clock; a chooser picks which stage takes the next step,
   and how many steps the stages take whenever the head pauses (submit, cancel, poll). Tests drive
   it with hypothesis to explore interleavings the OS rarely produces: cancellations landing
@@ -78,7 +84,8 @@ def message_bytes(msg, dim: int) -> int:
 
 class LocalPipeline(Pipeline):
     def __init__(self, models: list[StageModel], n_seqs: int = 1, cost: CostModel | None = None,
-                 chooser: Chooser | None = None, tracer: Tracer | None = None, cache_cells: int = 256):
+                 chooser: Chooser | None = None, tracer: Tracer | None = None, cache_cells: int = 256,
+                 draft_lane: bool = True):
         self.cancels = LocalCancelSet()
         self.stages = [Stage(i, m, self.cancels, n_seqs, cache_cells) for i, m in enumerate(models)]
         self.splits = [(m.lo, m.hi) for m in models]
@@ -92,6 +99,8 @@ class LocalPipeline(Pipeline):
         self.current: list[_InFlight | None] = [None] * n
         self.free_at = [0.0] * n
         self.clock = 0.0  # the head's time (virtual seconds, or steps in chooser mode)
+        self.has_draft_lane = draft_lane
+        self.draft_free_at = 0.0  # when the draft's lane has finished what it was given
         self.n_steps = 0
         # called as watcher(stage, message, outputs, end time) whenever a stage has finished a
         # message (walk-throughs read the stage's KV cache there: `self.stages[i].cache.cells()`)
@@ -161,11 +170,28 @@ class LocalPipeline(Pipeline):
         else:
             self.clock = max(self.clock, t)
 
-    def draft_work(self, n_rows: int, forwards: int | None = None) -> None:
-        if self.cost is not None and n_rows:
-            spent = self.cost.draft(n_rows, n_rows if forwards is None else forwards)
+    def draft_work(self, n_rows: int, forwards: int | None = None, wait: bool = True) -> float:
+        """Charge a draft forward of `n_rows` rows: on the draft's lane, from when it is free (the
+        head's clock moves only if it `wait`s for the answer), or on the head's own clock when
+        there is no lane. Returns when the work is done."""
+        if self.cost is None or not n_rows:
+            return self.clock if self.cost is not None else float(self.n_steps)
+        spent = self.cost.draft(n_rows, n_rows if forwards is None else forwards)
+        if not self.has_draft_lane:
             self.clock += spent
             self.tracer.record("head", f"draft {n_rows}", self.clock - spent, self.clock, "draft")
+            return self.clock
+        start = max(self.clock, self.draft_free_at)
+        self.draft_free_at = start + spent
+        self.tracer.record("draft", f"draft {n_rows}", start, self.draft_free_at, "draft")
+        if wait:
+            self.draft_wait(self.draft_free_at)
+        return self.draft_free_at
+
+    def draft_wait(self, t: float) -> None:
+        """The head needs the draft's answer that is ready at `t`."""
+        if self.cost is not None and t > self.clock:
+            self.clock = t
 
     def now(self) -> float:
         """Virtual seconds (clock mode), or stage steps taken so far (chooser mode)."""

@@ -34,6 +34,8 @@ import numpy as np
 
 from .. import kernels
 from ..batch import Batch
+from ..draft import DraftSource
+from ..drafter import Calibration, Drafter
 from ..events import Answered, Cancelled, Committed, Event, KVEdited, Launched
 from ..generation import Generation
 from ..runtime.base import Pipeline
@@ -80,14 +82,17 @@ class Cancel:
 
 @dataclass
 class Head:
-    """What the engine offers decoders: ids, time, the pipeline's shape, and the event bus."""
+    """What the engine offers decoders: ids, time, the pipeline's shape, the draft's lane, and
+    the event bus."""
 
     n_stages: int
     new_id: Callable[[], int]
     now: Callable[[], float]
     answer_waiting: Callable[[], bool]  # an answer is back and waits to be routed
-    draft_work: Callable[..., None]  # the head's draft computed (rows, forwards) (the virtual clock charges them)
+    draft_work: Callable[..., float]  # (rows, forwards, wait) computed on the draft's lane -> when done
     emit: Callable[[Event], None]
+    draft_wait: Callable[[float], None] = lambda t: None  # the head waits until the lane's answer at t
+    draft_ahead: bool = False  # the draft has a lane of its own: drafting ahead of need pays
 
 
 class Decoder:
@@ -107,6 +112,7 @@ class Decoder:
         self.actions: list = []  # Part launches, Edits and Cancels for the engine, in order
         self.started = False  # the prompt is prefilled and the first token committed
         self.retired = False
+        self.draft: Drafter | None = None  # speculating strategies: the request's draft (`open_draft`)
 
     @property
     def done(self) -> bool:
@@ -153,9 +159,8 @@ class Decoder:
             self.cancel(live, "the request is over")
         self.release_all()
         self.edit([KVRemove(self.seq)], "free")
-        draft = getattr(self, "draft", None)
-        if draft is not None:
-            draft.release()
+        if self.draft is not None:
+            self.draft.release()
         self.retired = True
 
     # ------------------------------------------------------------------------------------------
@@ -206,17 +211,23 @@ class Decoder:
         self.committed += added
         if added:
             self.emit(Committed, tokens=tuple(added), part=None if part is None else part.id)
+            if self.draft is not None:
+                self.draft.settle(self.committed)  # the draft's guesses meet the committed text
         return self.sink.done
 
-    def draft_mark(self) -> tuple[int, int]:
-        """The draft's work so far (rows, forward calls): pass it to `charge_draft` afterwards."""
-        return self.draft.tokens_computed, self.draft.forwards_computed
+    def open_draft(self, source: DraftSource, calibrate: bool = True) -> Drafter:
+        """The request's draft: `source` (its fork of the strategy's draft) behind the draft's lane,
+        with its confidence calibrated by this request's acceptance (`minipipe.drafter`)."""
+        self.draft = Drafter(source, self.head, Calibration() if calibrate else None)
+        return self.draft
 
-    def charge_draft(self, mark: tuple[int, int]) -> int:
-        """Charge the drafting done since `mark` to the head's clock; returns the rows computed."""
-        rows, forwards = self.draft.tokens_computed - mark[0], self.draft.forwards_computed - mark[1]
-        self.head.draft_work(rows, forwards)
-        return rows
+    def draft_mark(self) -> int:
+        """The draft rows computed for this request so far (pass it to `draft_rows_since`)."""
+        return self.draft.rows
+
+    def draft_rows_since(self, mark: int) -> int:
+        """Draft rows computed since `mark` (on the lane: the Drafter charges them as it goes)."""
+        return self.draft.rows - mark
 
     def draft_needs(self) -> list[list[int]]:
         """Contexts the next `offer` will ask the draft about (the engine may compute them for

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 from ..batch import Batch
 from ..draft import DraftSource
+from ..drafter import Backoff
 from ..events import Answered, Cancelled, Committed, Drafted, Launched, Verified
 from ..metrics import SpeculationStats
 from ..multibuffer import KVMultiBuffer, Partition
@@ -92,14 +93,16 @@ class PipeInferDecoder(Decoder):
 
     def __init__(self, strategy: "PipeInferStrategy", request, seqs, head):
         super().__init__(strategy, request, seqs, head)
-        self.draft = strategy.draft.fork(request.prompt, request.sampling)
+        self.open_draft(strategy.draft.fork(request.prompt, request.sampling), calibrate=strategy.calibrate)
         self.buffers = KVMultiBuffer(n_partitions=strategy.max_inflight + 1, width=strategy.branches, base=self.seq)
         self.n_rejected = 0  # empty drafting attempts since the last accepted token
         self.burst = 0  # speculative runs launched since the last answer
         self.declined = False  # drafting came up empty: no more offers until the next answer
+        self.backoff = Backoff()  # ... and, while it keeps coming up empty, for more answers
 
     def begin(self) -> None:
         self.launch_plain()
+        self.draft_next()
 
     # ------------------------------------------------------------------------------------------
     # answers
@@ -107,7 +110,7 @@ class PipeInferDecoder(Decoder):
     def on_answer(self, part: Part, answer) -> None:
         """Verify one answer: commit what it proves, adopt its accepted rows, free its partition."""
         run: InFlight = part.info
-        self.burst, self.declined = 0, False
+        self.burst, self.declined = 0, not self.backoff.ready()
         usable = not part.cancelled and not answer.cancelled  # a cancelled run's rows are never used
         committed_before = len(self.committed)
         status, node, accepted = run.walk(self.committed)
@@ -132,6 +135,7 @@ class PipeInferDecoder(Decoder):
             self.cancel_invalid()
             if not self.done:
                 self.launch_plain()
+                self.draft_next()
 
     def cancel_invalid(self) -> None:
         """Early cancellation: stop speculative runs that can no longer be accepted."""
@@ -179,14 +183,15 @@ class PipeInferDecoder(Decoder):
                 return run
         return None
 
-    def offer(self) -> bool:
-        """Continuous speculation: one more speculative run continuing the chain, if the cutoff allows."""
+    def next_run(self) -> "RunPlan | None":
+        """What the next speculative run would be, if one may go now: where it starts, the chain
+        of in-flight tokens it continues, and its drafting cutoff."""
         s: PipeInferStrategy = self.strategy
         if self.done or self.declined or len(self.inflight) >= s.max_inflight:
-            return False
+            return None
         adjust = self.burst * s.p_recovery - self.n_rejected * s.p_decay
         if s.p_accept + adjust >= 1.0:
-            return False
+            return None
         C = len(self.committed)
         tail = self.chain_tail()
         if tail is None:
@@ -199,9 +204,17 @@ class PipeInferDecoder(Decoder):
         limit = self.sink.n_prompt + self.sink.max_new_tokens - 1  # positions worth verifying
         limit = min(limit, self.sink.max_positions) - start
         if limit <= 0:
+            return None
+        return RunPlan(tail, chain, start, min(s.n_draft, limit), s.p_accept + adjust, s.p_split + adjust)
+
+    def offer(self) -> bool:
+        """Continuous speculation: one more speculative run continuing the chain, if the cutoff allows."""
+        plan = self.next_run()
+        if plan is None:
             return False
-        tree = self.draft_tree(self.committed + chain, self.committed[-1] if not chain else chain[-1],
-                               min(s.n_draft, limit), adjust)
+        C = len(self.committed)
+        tree = self.draft_tree(plan)
+        self.backoff.drafted(len(tree) > 1)
         if len(tree) == 1:
             self.n_rejected += 1
             self.declined = True
@@ -210,45 +223,81 @@ class PipeInferDecoder(Decoder):
         if partition is None:
             return False
         self.edit(self.buffers.view(self.seq, partition, 0, C), "view")
-        if tail is not None and start > C:
-            self.edit(self.buffers.view(tail.partition[self.tail_branch(tail)], partition, C, start), "view")
-        self.launch_run(InFlight(start, tree, chain, C, partition))
+        if plan.tail is not None and plan.start > C:
+            self.edit(self.buffers.view(plan.tail.partition[self.tail_branch(plan.tail)], partition, C, plan.start),
+                      "view")
+        self.launch_run(InFlight(plan.start, tree, plan.chain, C, partition))
         self.burst += 1
+        self.draft_next()
         return True
+
+    def draft_next(self) -> None:
+        """Draft the run after the newest one now, on the draft's lane, while the pipeline works:
+        when the head offers it, its drafting is done (or under way)."""
+        plan = self.next_run()
+        if plan is not None:
+            self.draft.ahead(draft_run, *plan.drafting(self.committed), self.strategy.branches)
 
     @staticmethod
     def tail_branch(run: InFlight) -> int:
         """Index (in the partition) of the sequence that holds the run's first branch."""
         return run.tree.leaves().index(run.tree.leaf_below(0))
 
-    def draft_tree(self, context: list[int], root_token: int, n_draft: int, adjust: float) -> TokenTree:
-        """PipeInfer's drafting: grow branches step by step, split on confident alternatives."""
-        s: PipeInferStrategy = self.strategy
-        tree = TokenTree(root_token)
-        cutoff, split = s.p_accept + adjust, s.p_split + adjust
-        active, n_branches, n_tokens, stopped_at = [0], 1, 0, None
+    def draft_tree(self, plan: "RunPlan") -> TokenTree:
+        """PipeInfer's drafting of one run (`draft_run`), reported as an event."""
         mark = self.draft_mark()
-        while active and n_tokens < n_draft:
-            next_active = []
-            for leaf in active:
-                if n_tokens >= n_draft:
-                    break
-                guesses = self.draft.top(context + tree.tokens_to(leaf), 1 + s.branches - n_branches)
-                if not guesses or guesses[0][1] < cutoff:
-                    stopped_at = guesses[0][1] if guesses else stopped_at
-                    continue  # this branch stops
-                next_active.append(tree.add(leaf, *guesses[0]))
-                n_tokens += 1
-                for token, prob in guesses[1:]:
-                    if n_branches < s.branches and prob > split and n_tokens < n_draft:
-                        next_active.append(tree.add(leaf, token, prob))
-                        n_branches += 1
-                        n_tokens += 1
-            active = next_active
-        rows = self.charge_draft(mark)
+        tree, stopped_at = draft_run(self.draft, *plan.drafting(self.committed), self.strategy.branches)
         self.emit(Drafted, tokens=tuple(n.token for n in tree.nodes[1:]), probs=tuple(n.prob for n in tree.nodes[1:]),
-                  cutoff=cutoff, stopped_at=stopped_at, draft_rows=rows)
+                  cutoff=plan.cutoff, stopped_at=stopped_at, draft_rows=self.draft_rows_since(mark))
         return tree
+
+
+@dataclass
+class RunPlan:
+    """The next speculative run: the in-flight run it continues (`tail`, None: none), the tokens it
+    assumes beyond the committed text (`chain`), its first position, its most drafted tokens, and
+    the cutoffs (`p_accept` and `p_split` plus the adjustment)."""
+
+    tail: InFlight | None
+    chain: list[int]
+    start: int
+    n_draft: int
+    cutoff: float
+    split: float
+
+    def drafting(self, committed: list[int]) -> tuple:
+        """`draft_run`'s arguments (but the branch limit)."""
+        root = committed[-1] if not self.chain else self.chain[-1]
+        return committed + self.chain, root, self.n_draft, self.cutoff, self.split
+
+
+def draft_run(draft: DraftSource, context: list[int], root_token: int, n_draft: int, cutoff: float, split: float,
+              branches: int) -> tuple[TokenTree, float | None]:
+    """PipeInfer's drafting: grow branches step by step under `root_token` (the last token of
+    `context`), each stopping where the draft's confidence falls below `cutoff`; an alternative
+    above `split` opens a new branch, up to `branches`; at most `n_draft` tokens. Returns the tree
+    and the confidence that stopped a branch (if one did). A module-level function of plain
+    arguments, so a draft server can run it ahead of need (`Drafter.ahead`)."""
+    tree = TokenTree(root_token)
+    active, n_branches, n_tokens, stopped_at = [0], 1, 0, None
+    while active and n_tokens < n_draft:
+        next_active = []
+        for leaf in active:
+            if n_tokens >= n_draft:
+                break
+            guesses = draft.top(context + tree.tokens_to(leaf), 1 + branches - n_branches)
+            if not guesses or guesses[0][1] < cutoff:
+                stopped_at = guesses[0][1] if guesses else stopped_at
+                continue  # this branch stops
+            next_active.append(tree.add(leaf, *guesses[0]))
+            n_tokens += 1
+            for token, prob in guesses[1:]:
+                if n_branches < branches and prob > split and n_tokens < n_draft:
+                    next_active.append(tree.add(leaf, token, prob))
+                    n_branches += 1
+                    n_tokens += 1
+        active = next_active
+    return tree, stopped_at
 
 
 @dataclass
@@ -320,6 +369,11 @@ class PipeInferStrategy(Strategy):
     max_inflight: most runs in flight per request (the original self-regulates; a cap keeps a
                 very fast or always-confident draft from running ahead without bound); also the
                 most micro-batches in flight
+    calibrate:  the cutoffs apply to the draft's calibrated confidence — this request's measured
+                acceptance of guesses with that claim (`minipipe.drafter`) — so speculation
+                stops by itself when drafts are not accepted, and returns when they are
+
+    Defaults: the original's, but n_draft 4 (its README suggests 3-8; its scripts use 3 and 4).
     """
 
     name = "pipeinfer"
@@ -327,8 +381,9 @@ class PipeInferStrategy(Strategy):
     offer_while_answer_waits = False  # verify what came back before speculating further
 
     def __init__(self, draft: DraftSource, p_accept: float = 0.5, p_split: float = 0.1, p_recovery: float = 0.0,
-                 p_decay: float = 0.0, n_draft: int = 16, branches: int = 1, max_inflight: int = 16):
-        self.draft = draft
+                 p_decay: float = 0.0, n_draft: int = 4, branches: int = 1, max_inflight: int = 16,
+                 calibrate: bool = True):
+        self.draft, self.calibrate = draft, calibrate
         self.p_accept, self.p_split, self.p_recovery, self.p_decay = p_accept, p_split, p_recovery, p_decay
         self.n_draft, self.branches, self.max_inflight = n_draft, branches, max_inflight
 

@@ -45,6 +45,7 @@ import numpy as np
 
 from ..batch import Batch
 from ..draft import DraftSource
+from ..drafter import top_many_job
 from ..events import Drafted, Launched, Stepped
 from ..transport.messages import KVCopy, KVRemove
 from .base import Decoder, Part, Strategy
@@ -71,7 +72,7 @@ class SpecPipeDecoder(Decoder):
 
     def __init__(self, strategy: "SpecPipeStrategy", request, seqs, head):
         super().__init__(strategy, request, seqs, head)
-        self.draft = strategy.draft.fork(request.prompt, request.sampling)
+        self.open_draft(strategy.draft.fork(request.prompt, request.sampling), calibrate=strategy.calibrate)
         self.free_seqs = deque(seqs[1:])  # sequence ids not held by a live node
         self.tip: TreeNode | None = None  # the newest committed node (its K/V cached or in flight)
         self.epoch = 0  # bumps at every miss: layers launched before it are stale
@@ -107,6 +108,9 @@ class SpecPipeDecoder(Decoder):
             self.release_seq(self.tip)  # the old tip gets no new children
             self.tip = child
             self.tip.parent = None
+            scale = child.path_prob or 1.0
+            for node in child.subtree():  # path probabilities count from the tip again
+                node.path_prob /= scale
         else:  # miss: the whole wavefront is stale; refill from a new root
             pruned = sum(self.prune(c) for c in self.tip.children)
             self.emit(Stepped, token=token, hit=False, pruned=pruned)
@@ -143,27 +147,31 @@ class SpecPipeDecoder(Decoder):
         return frontier if len(self.free_seqs) >= self.strategy.width else []
 
     def draft_needs(self) -> list[list[int]]:
-        """The contexts `grow` will ask the draft about: one per frontier leaf."""
+        """The contexts `grow` will ask the draft about and it has not answered yet: one per
+        frontier leaf (the engine computes them for every request in one batched forward)."""
         if self.done or self.tip is None or self.current_inflight() >= self.head.n_stages:
             return []
-        return [self.committed + self.path_tokens(leaf) for leaf in self.frontier()]
+        contexts = [self.committed + self.path_tokens(leaf) for leaf in self.frontier()]
+        return [c for c in contexts if not self.draft.knows(c, self.strategy.width)]
 
     def grow(self) -> bool:
-        """Send the next layer: the best `width` children of the deepest surviving leaves."""
-        width = self.strategy.width
+        """Send the next layer: the best children of the deepest surviving leaves, by path
+        probability from the tip (the chance each becomes a tip, by the draft's calibrated
+        confidence): always the best, and up to `width` in all while their chance is at least
+        `min_path` — a row's worth of stage time on every stage is spent on each."""
+        s: SpecPipeStrategy = self.strategy
         frontier = self.frontier()
         if not frontier:
             return False
-        candidates = []  # (-path probability, order, parent, token, prob)
         mark = self.draft_mark()
-        for i, leaf in enumerate(frontier):
-            context = self.committed + self.path_tokens(leaf)
-            for token, prob in self.draft.top(context, width):
-                candidates.append((-leaf.path_prob * prob, i, leaf, token, prob))
-        rows = self.charge_draft(mark)
-        candidates.sort(key=lambda c: (c[0], c[1]))
+        answers = self.draft.top_many([self.committed + self.path_tokens(leaf) for leaf in frontier], s.width)
+        rows = self.draft_rows_since(mark)
+        candidates = sorted(((-leaf.path_prob * prob, i, leaf, token, prob)
+                             for i, (leaf, guesses) in enumerate(zip(frontier, answers)) for token, prob in guesses),
+                            key=lambda c: (c[0], c[1]))  # (-path probability, order, parent, token, prob)
+        chosen = [c for j, c in enumerate(candidates[: s.width]) if j == 0 or -c[0] >= s.min_path]
         layer, edits = [], []
-        for neg_path_prob, _, parent, token, prob in candidates[:width]:
+        for neg_path_prob, _, parent, token, prob in chosen:
             node = TreeNode(self.head.new_id(), token, parent.pos + 1, self.free_seqs.popleft(), parent,
                             -neg_path_prob)
             parent.children.append(node)
@@ -176,6 +184,14 @@ class SpecPipeDecoder(Decoder):
         self.edit(edits, "view")
         self.send(layer, "tree layer")
         return True
+
+    def draft_ahead(self, nodes: list[TreeNode]) -> None:
+        """Draft the children of the nodes just sent, on the draft's lane, while they travel: the
+        next layer grows under the deepest leaves, and the answer that comes back meanwhile only
+        prunes some of them."""
+        if len(self.free_seqs) >= self.strategy.width:
+            contexts = [self.committed + self.path_tokens(n) for n in nodes]
+            self.draft.ahead(top_many_job, contexts, self.strategy.width)
 
     def path_tokens(self, node: TreeNode) -> list[int]:
         """Tokens from just below the tip down to `node`."""
@@ -190,6 +206,7 @@ class SpecPipeDecoder(Decoder):
                       positions=np.array([n.pos for n in nodes], dtype=np.int64),
                       seq_ids=tuple((n.seq,) for n in nodes), want_logits=np.ones(len(nodes), dtype=bool))
         self.launch(batch, kind, info=(self.epoch, nodes), row_ids=np.array([n.id for n in nodes], dtype=np.int64))
+        self.draft_ahead(nodes)
 
     def prune(self, node: TreeNode) -> int:
         """Drop a node and its subtree everywhere: stages drop their rows wherever they have not
@@ -252,14 +269,18 @@ class SpecPipeStats:
 
 
 class SpecPipeStrategy(Strategy):
-    """SpecPipe. width: nodes per new tree layer (the width budget W); max_nodes: sequence ids
-    available to one request's live tree nodes."""
+    """SpecPipe. width: most nodes per new tree layer (the width budget W); min_path: a node
+    beyond the best of its layer joins only if its chance of becoming the tip (its path
+    probability from the tip, by calibrated confidence) is at least this; max_nodes: sequence
+    ids available to one request's live tree nodes; calibrate: see `minipipe.drafter`."""
 
     name = "specpipe"
     one_part_in_flight = False
 
-    def __init__(self, draft: DraftSource, width: int = 4, max_nodes: int = 256):
-        self.draft, self.width, self.max_nodes = draft, width, max_nodes
+    def __init__(self, draft: DraftSource, width: int = 4, max_nodes: int = 256, min_path: float = 0.0,
+                 calibrate: bool = True):
+        self.draft, self.width, self.max_nodes, self.min_path = draft, width, max_nodes, min_path
+        self.calibrate = calibrate
 
     @property
     def seqs_per_request(self) -> int:
