@@ -15,13 +15,22 @@ Checks (each on several random models: MHA, GQA and MQA; odd sizes; optionally a
    a random multiple of 16; for every linear shape of the models (and a checkpoint's) and for
    odd shapes. It also counts how often OpenBLAS's own threads would have given other bits on
    the unpadded widths, which is why minipipe does not let them split any GEMV.
-5. **layout** — attention gives the same bits whatever the memory layout of its operands (a
+5. **row-batched GEMV** — several rows through one linear layer walk the weight in column
+   tiles (`kernels.gemv_tiles`), every row's GEMV over a tile before the next: each row gets
+   the bits of its own single-row GEMV, for every linear shape of the models (and a
+   checkpoint's) and odd shapes, 2, 3 and 8 rows, at the configured tile size, at 16-column
+   tiles and at a random size, on one thread and on two threads' column ranges. It also
+   counts how often splitting a GEMV with IN <= 48 wider than 16384 columns would change its
+   bits here (OpenBLAS's SkylakeX kernel depends on the width there), which is why such GEMVs
+   are never split, and checks that they are not.
+6. **layout** — attention gives the same bits whatever the memory layout of its operands (a
    slice of the cache, a gathered copy, misaligned or strided copies), for the models' head
    shapes and for tiny head dims; it also counts how often the same products computed straight
    on those layouts (no canonical copy) would differ, which is why the kernels copy.
 
 Then it measures the policy's cost: a forward pass of M rows through the exact kernels
-(one GEMV per row) against the same pass through plain batched GEMM.
+(one GEMV per row, row-batched in column tiles) against the same pass through plain batched
+GEMM, and linear layers and an LM head streamed from memory with and without the tiles.
 """
 
 from __future__ import annotations
@@ -152,18 +161,20 @@ def check_gemv_threads(rng: np.random.Generator, shapes, thread_counts) -> tuple
             w = kernels.linear_weight([rng.standard_normal((n_out, n_in)).astype(np.float32)])
             x = rng.standard_normal((2, n_in)).astype(np.float32)
             kernels.set_gemv_threads(1)
-            one = kernels.linear_rows(x, w).copy()
+            one = single_row_gemvs(x, w)
             width = kernels.padded_width(n_out)  # any split at multiples of 16, not only the threads' own
-            cut = int(rng.integers(0, width // kernels.COLUMN_BLOCK + 1)) * kernels.COLUMN_BLOCK
-            rows, split = kernels.row_slots(2, n_in), kernels.row_slots(2, n_out)
-            rows[...] = x
-            for a, b in ((0, cut), (cut, width)):
-                kernels._gemv_rows(rows, kernels._padded(w), kernels._padded(split), a, b)
-            ok &= bool(np.array_equal(split, one))
+            if kernels.splittable(n_in, n_out):
+                cut = int(rng.integers(0, width // kernels.COLUMN_BLOCK + 1)) * kernels.COLUMN_BLOCK
+                rows, split = kernels.row_slots(1, n_in), kernels.row_slots(1, n_out)
+                rows[...] = x[:1]
+                for a, b in ((0, cut), (cut, width)):
+                    kernels._gemv_rows(rows, kernels._padded(w), kernels._padded(split), a, b)
+                ok &= bool(np.array_equal(split, one[:1]))
             for n in thread_counts:
                 for blas_threads in (True, False):  # OpenBLAS's even splits where allowed / minipipe's only
                     kernels.set_gemv_threads(n, blas_threads=blas_threads)
-                    ok &= bool(np.array_equal(kernels.linear_rows(x, w), one))
+                    ok &= bool(np.array_equal(kernels.linear_rows(x[:1], w), one[:1]))  # one row: one GEMV
+                    ok &= bool(np.array_equal(kernels.linear_rows(x, w), one))  # two: the row-batched GEMV
                 if blas.info().controllable:  # what OpenBLAS's own threads would give
                     with blas.threads(n):
                         theirs = np.stack([x[i] @ w for i in range(2)])
@@ -175,6 +186,58 @@ def check_gemv_threads(rng: np.random.Generator, shapes, thread_counts) -> tuple
         kernels.SPLIT_MIN_BYTES = min_bytes
         kernels.set_gemv_threads(before)
     return ok, blas_differs, cases
+
+
+def single_row_gemvs(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Each row of x alone through `linear_rows`: one GEMV over the whole width (the oracle of the
+    row-batched and threaded GEMVs; call it on one GEMV thread).  -> [T, OUT]"""
+    return np.stack([kernels.linear_rows(x[i:i + 1].copy(), w)[0] for i in range(x.shape[0])])
+
+
+def check_row_batched(rng: np.random.Generator, shapes, row_counts=(2, 3, 8)) -> tuple[bool, int]:
+    """(every row of a row-batched GEMV equals its single-row GEMV, cases) over `shapes` (IN, OUT):
+    at the configured tile size, at 16-column tiles and at a random tile size, on one thread
+    and on two threads' column ranges (every GEMV split, however small)."""
+    ok, cases = True, 0
+    tile, min_bytes, before = kernels.TILE_BYTES, kernels.SPLIT_MIN_BYTES, kernels.gemv_threads()
+    try:
+        for n_in, n_out in sorted(shapes):
+            w = kernels.linear_weight([rng.standard_normal((n_out, n_in)).astype(np.float32)])
+            x = rng.standard_normal((max(row_counts), n_in)).astype(np.float32)
+            kernels.set_gemv_threads(1)
+            alone = single_row_gemvs(x, w)  # [R, OUT]
+            for tile_bytes in (tile, 1, int(rng.integers(16 * 4 * n_in, 4 << 20))):  # 1 byte: 16-column tiles
+                for threads in (1, 2):
+                    kernels.TILE_BYTES, kernels.SPLIT_MIN_BYTES = tile_bytes, 1 if threads > 1 else min_bytes
+                    kernels.set_gemv_threads(threads, blas_threads=False)
+                    for r in row_counts:
+                        ok &= bool(np.array_equal(kernels.linear_rows(x[:r], w), alone[:r]))
+                        cases += 1
+    finally:
+        kernels.TILE_BYTES, kernels.SPLIT_MIN_BYTES = tile, min_bytes
+        kernels.set_gemv_threads(before)
+    return ok, cases
+
+
+def check_narrow_wide(rng: np.random.Generator) -> tuple[bool, int, int]:
+    """GEMVs with IN <= 48 wider than 16384 columns: (minipipe never splits them, splits at
+    16384 columns that would have changed bits here, cases)."""
+    never_split, differs, cases = True, 0, 0
+    for n_in in (3, 8, 16, 32, 48):
+        for n_out in (16400, 20000):
+            width = kernels.padded_width(n_out)
+            never_split &= (not kernels.splittable(n_in, n_out) and len(kernels.gemv_tiles(n_in, n_out, 0, width, 1)) == 1
+                            and len(kernels.column_chunks(n_in, n_out, 8)) == 1)
+            w = kernels.linear_weight([rng.standard_normal((n_out, n_in)).astype(np.float32)])
+            rows = kernels.row_slots(1, n_in)
+            rows[...] = rng.standard_normal((1, n_in))
+            whole, split = kernels.row_slots(1, n_out), kernels.row_slots(1, n_out)
+            kernels._gemv_rows(rows, kernels._padded(w), kernels._padded(whole), 0, width)
+            for a, b in ((0, kernels.SMALL_KERNEL_MAX_WIDTH), (kernels.SMALL_KERNEL_MAX_WIDTH, width)):
+                kernels._gemv_rows(rows, kernels._padded(w), kernels._padded(split), a, b)
+            differs += not np.array_equal(whole, split)
+            cases += 1
+    return never_split, differs, cases
 
 
 def time_forward(model: StageModel, n_rows: int, exact: bool, repeats: int) -> float:
@@ -193,19 +256,28 @@ def time_forward(model: StageModel, n_rows: int, exact: bool, repeats: int) -> f
     return best
 
 
-def time_linears(rng: np.random.Generator, n_rows: int, n_mats: int, repeats: int) -> tuple[float, float]:
-    """Seconds per matrix for n_rows rows through many 1536x576 matrices (too many to stay cached)."""
-    mats = [kernels.linear_weight([rng.standard_normal((1536, 576)).astype(np.float32)]) for _ in range(n_mats)]
-    x = rng.standard_normal((n_rows, 576)).astype(np.float32)
+def time_linears(rng: np.random.Generator, n_rows: int, n_mats: int, repeats: int,
+                 n_in: int = 576, n_out: int = 1536) -> tuple[float, float, float]:
+    """Seconds per matrix for n_rows rows through n_mats [n_in, n_out] matrices (too many to stay
+    cached): the exact kernel (row-batched in column tiles), the same GEMVs untiled (each row
+    over the whole matrix in turn), and plain GEMM."""
+    mats = [kernels.linear_weight([rng.standard_normal((n_out, n_in), dtype=np.float32)]) for _ in range(n_mats)]
+    x = rng.standard_normal((n_rows, n_in)).astype(np.float32)
     best = {}
-    for name, fn in (("exact", kernels.linear_rows), ("gemm", kernels.linear_prefill)):
-        best[name] = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            for w in mats:
-                fn(x, w)
-            best[name] = min(best[name], (time.perf_counter() - t) / n_mats)
-    return best["exact"], best["gemm"]
+    tile = kernels.TILE_BYTES
+    try:
+        for name, fn, tile_bytes in (("exact", kernels.linear_rows, tile), ("untiled", kernels.linear_rows, 1 << 62),
+                                     ("gemm", kernels.linear_prefill, tile)):
+            kernels.TILE_BYTES = tile_bytes
+            best[name] = float("inf")
+            for _ in range(repeats):
+                t = time.perf_counter()
+                for w in mats:
+                    fn(x, w)
+                best[name] = min(best[name], (time.perf_counter() - t) / n_mats)
+    finally:
+        kernels.TILE_BYTES = tile
+    return best["exact"], best["untiled"], best["gemm"]
 
 
 def run_doctor(model_dir: str | None = None, quick: bool = False) -> int:
@@ -231,12 +303,16 @@ def run_doctor(model_dir: str | None = None, quick: bool = False) -> int:
             results.append((f"{name} chain of {len(tokens)}", check_chain(model, prompt, tokens)))
             results.append((f"{name} tree {len(tokens)}+{len(other)}", check_tree(model, prompt, tokens, other)))
     odd_shapes = {(64, 48), (37, 131), (576, 1536), (512, 3000), (333, 1001), (7, 100), (1536, 576), (576, 960),
-                  (2048, 8192), (960, 49152)}
+                  (2048, 8192), (960, 49152), (16, 20000), (48, 16400)}  # the last two: never split
     shapes = odd_shapes.union(*(linear_shapes(m) for _, m in models))
     counts = gemv_thread_counts()
     threads_ok, blas_differs, thread_cases = check_gemv_threads(rng, shapes, counts)
     results.append((f"GEMV 1 thread vs {', '.join(map(str, counts))} threads, column splits ({len(shapes)} shapes)",
                     threads_ok))
+    tiles_ok, tile_cases = check_row_batched(rng, shapes, (2, 3) if quick else (2, 3, 8))
+    never_split, narrow_differs, narrow_cases = check_narrow_wide(rng)
+    results.append((f"row-batched GEMV in column tiles vs single rows ({len(shapes)} shapes, {tile_cases} cases)",
+                    tiles_ok and never_split))
     head_shapes = {(m.config.n_kv_heads, m.config.n_groups, m.config.head_dim): name for name, m in models}
     for tiny in ((8, 1, 2), (8, 1, 4), (2, 1, 6), (4, 2, 8), (2, 1, 16)):  # tiny heads: where BLAS paths vary most
         head_shapes.setdefault(tiny, "tiny heads")
@@ -258,6 +334,9 @@ def run_doctor(model_dir: str | None = None, quick: bool = False) -> int:
         print("  other bits here in " + "; ".join(raw_notes) + " cases.")
     else:
         print("  (this BLAS gave the same bits for every layout tried, even without the canonical copies)")
+    if narrow_differs:
+        print(f"  Why GEMVs with IN <= 48 wider than 16384 columns are never split: a split at 16384 columns gave "
+              f"other bits here in {narrow_differs} of {narrow_cases} cases.")
     if blas_differs:
         print(f"  Why OpenBLAS's threads run only widths of 16 x N: on any width they gave other bits here in "
               f"{blas_differs} of {thread_cases} cases.")
@@ -278,11 +357,17 @@ def run_doctor(model_dir: str | None = None, quick: bool = False) -> int:
         print(f"      {m:>3}  {exact * 1e3:>9.2f}  {gemm * 1e3:>9.2f}  {exact / gemm:>10.2f}")
     n_mats = 24 if quick else 64
     print(f"  (b) linear layers 576 -> 1536 streamed from memory ({n_mats} matrices, "
-          f"{n_mats * 576 * 1536 * 4 / 1e6:.0f} MB, cycled)")
-    print(f"      {'M':>3}  {'exact ms':>9}  {'GEMM ms':>9}  {'exact/GEMM':>10}   (per matrix)")
+          f"{n_mats * 576 * 1536 * 4 / 1e6:.0f} MB, cycled); untiled: each row's GEMV over the whole matrix")
+    print(f"      {'M':>3}  {'exact ms':>9}  {'untiled ms':>10}  {'GEMM ms':>9}  {'exact/GEMM':>10}   (per matrix)")
     for m in row_counts:
-        exact, gemm = time_linears(rng, m, n_mats, repeats)
-        print(f"      {m:>3}  {exact * 1e3:>9.3f}  {gemm * 1e3:>9.3f}  {exact / gemm:>10.2f}")
+        exact, untiled, gemm = time_linears(rng, m, n_mats, repeats)
+        print(f"      {m:>3}  {exact * 1e3:>9.3f}  {untiled * 1e3:>10.3f}  {gemm * 1e3:>9.3f}  {exact / gemm:>10.2f}")
+    print(f"  (c) an LM head 576 -> 49152 (113 MB) from memory, in column tiles of "
+          f"{kernels.TILE_BYTES / 2**20:g} MB; untiled: each row's GEMV over the whole matrix")
+    print(f"      {'M':>3}  {'exact ms':>9}  {'untiled ms':>10}  {'GEMM ms':>9}  {'untiled/exact':>13}")
+    for m in row_counts:
+        exact, untiled, gemm = time_linears(rng, m, 1, 2 if quick else 3, 576, 49152)
+        print(f"      {m:>3}  {exact * 1e3:>9.2f}  {untiled * 1e3:>10.2f}  {gemm * 1e3:>9.2f}  {untiled / exact:>13.2f}")
     print()
     if failed:
         print(f"FAILED: {len(failed)} check(s) differ; the exactness contract does not hold on this machine "

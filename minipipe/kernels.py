@@ -69,8 +69,8 @@ from .config import RopeConfig
 
 POLICY = "row-gemv"
 POLICY_DESCRIPTION = ("decode rows: one GEMV per row per linear layer (x @ W, W as [in, out] aligned row "
-                      "slots); attention per query over gathered visible keys; prefill: GEMM over canonical "
-                      "chunks of {chunk} rows")
+                      "slots; several rows walk W together in column tiles at multiples of 16); attention per "
+                      "query over gathered visible keys; prefill: GEMM over canonical chunks of {chunk} rows")
 PREFILL_CHUNK = 128  # rows per prefill chunk: part of the exactness contract, change with care
 
 f32 = np.float32
@@ -201,7 +201,12 @@ def _padded(a: np.ndarray) -> np.ndarray:
 
 SPLIT_MIN_BYTES = 1024 * 1024  # a GEMV is split only into column ranges of at least this much weight
 CALLER_SHARE = 1.25  # the calling thread's range, relative to a worker's (workers start late: a wake-up)
-TILE_BYTES = 1024 * 1024  # weight per column tile of a row-batched GEMV (`gemv_tiles`): stays in L2/L3
+# Weight per column tile of a row-batched GEMV (`gemv_tiles`), so a tile read from memory for the
+# first row is still cached for the others. Measured on the 2-core development machine (1 MB of
+# L2 per core, 32 MB of L3; docs/exactness.md): SmolLM2's head, 4 and 8 rows, costs least with
+# tiles of 2-4 MB; narrower tiles lose to more calls and short strided rows, and the layers'
+# matrices (1.3-7 MB) gain nothing from tiles under 4 MB (they stay in L3 between rows anyway).
+TILE_BYTES = 4 * 1024 * 1024
 # OpenBLAS's SkylakeX GEMV takes another kernel (one FMA chain over IN instead of groups of 8)
 # when IN <= 48 (IN != 4) and the width is <= 16384: a column of such a GEMV wider than 16384
 # changes bits when computed in a range of 16384 columns or fewer. Such GEMVs are never split.
@@ -323,6 +328,8 @@ def _gemv_rows(rows: np.ndarray, w: np.ndarray, out: np.ndarray, a: int, b: int)
     same in every tile split, since every tile starts at a multiple of 16 and is a multiple of
     16 wide (`splittable`)."""
     n_rows = rows.shape[0]
+    if a >= b:
+        return
     if n_rows == 1:
         wc = w[:, a:b] if a or b != w.shape[1] else w
         np.matmul(rows[0], wc, out=out[0, a:b])  # [IN] @ [IN, b - a] -> [b - a]

@@ -45,7 +45,7 @@ def gemv_shapes(draw):
 
 
 @settings(max_examples=150, deadline=None)
-@given(shape=gemv_shapes(), n_rows=st.integers(2, 9),
+@given(shape=gemv_shapes(), n_rows=st.integers(1, 9),
        tile_bytes=st.sampled_from([1, 64, 4096, 30_000, 100_000, 256 * 1024, 1 << 20, 1 << 30]),
        threads=st.sampled_from([1, 1, 2, 3, 5]), blas_threads=st.booleans(), split_all=st.booleans(),
        seed=st.integers(0, 2**32 - 1))
