@@ -623,29 +623,39 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return run_doctor(model_dir=None if args.model is None else resolve_model(args.model), quick=args.quick)
 
 
-def _mpi_stage_rank(argv: list[str]) -> bool:
-    """This process is a stage rank of `generate --runtime mpi` under mpiexec (decided before
-    parsing: stage ranks take their orders from the head, and print nothing of their own)."""
+def _mpi_rank(argv: list[str]) -> int | None:
+    """This process's MPI rank if it is part of an MPI job running `generate --runtime mpi`
+    (decided before parsing: stage ranks take their orders from the head, and print nothing of
+    their own), else None."""
     from .transport.mpi import env_rank
 
     rank = env_rank()
-    if rank is None or rank == 0 or not argv or argv[0] != "generate":
-        return False
-    return "--runtime=mpi" in argv or any(a == "--runtime" and b == "mpi" for a, b in zip(argv, argv[1:]))
+    if rank is None or not argv or argv[0] != "generate":
+        return None
+    mpi = "--runtime=mpi" in argv or any(a == "--runtime" and b == "mpi" for a, b in zip(argv, argv[1:]))
+    return rank if mpi else None
 
 
 def main(argv: list[str] | None = None) -> int:
     import signal
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    if _mpi_stage_rank(argv):
+    if _mpi_rank(argv) not in (None, 0):
         from .runtime.mpi import stage_rank_main
 
         return stage_rank_main()
     # SIGTERM unwinds like Ctrl-C, so every `with` block (processes, shared memory) cleans up
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a usage error on an MPI job's head: the stage ranks wait for it
+        if _mpi_rank(argv) == 0:
+            from .runtime.mpi import WORLD, finish_head
+
+            _guarded(lambda: WORLD.start() and 0)
+            return finish_head(e.code if isinstance(e.code, int) else 2)
+        raise
     if args.command == "generate" and args.runtime == "mpi":
         return _main_mpi(args, argv)
     return _run_command(args)

@@ -592,7 +592,8 @@ def supervise(argv: list[str], n_stages: int, hostfile: str | None = None, hosts
     previous = {}
     try:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True, text=True, errors="replace")
+                                env=env, start_new_session=True, text=True, errors="replace",
+                                preexec_fn=_end_with_parent)
     except OSError as e:
         raise InputError(f"could not start {mpiexec}: {e.strerror or e}") from None
     reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
@@ -654,6 +655,17 @@ def supervise(argv: list[str], n_stages: int, hostfile: str | None = None, hosts
                     os.unlink(path)
                 except OSError:
                     pass
+
+
+def _end_with_parent() -> None:
+    """In mpiexec, before exec: SIGTERM when the supervisor dies (even by SIGKILL), which mpiexec
+    passes to every rank, so the head ends the job (Linux; elsewhere nothing)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _catch_up() -> None:
