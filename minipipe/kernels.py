@@ -101,6 +101,11 @@ def address(a: np.ndarray) -> int:
 
 def aligned_empty(shape, dtype=f32) -> np.ndarray:
     """An uninitialised C-contiguous array whose data starts on a 64-byte boundary."""
+    if dtype is f32:  # the hot path (canonical copies, gathered keys): fewer NumPy calls
+        n = shape if type(shape) is int else math.prod(shape)
+        raw = np.empty(n + LANE, dtype=f32)  # 4-byte aligned at least: the offset is whole floats
+        start = (-address(raw) % ALIGN_BYTES) >> 2
+        return raw[start: start + n].reshape(shape)
     dtype = np.dtype(dtype)
     n_bytes = math.prod((shape,) if isinstance(shape, int) else shape) * dtype.itemsize
     raw = np.empty(n_bytes + ALIGN_BYTES, dtype=np.uint8)

@@ -164,3 +164,21 @@ def test_bad_sequence_id_is_refused():
     cache = KVCache(1, 1, 2, n_seqs=2)
     with pytest.raises(KVCacheError, match="sequence id 2"):
         cache.alloc(np.array([0]), [(2,)])
+
+
+@pytest.mark.parametrize("kv_heads, head_dim, n", [(3, 64, 30), (1, 2, 7), (2, 6, 1), (4, 5, 13), (1, 3, 0)])
+def test_gather_gives_fresh_canonical_copies(kv_heads, head_dim, n):
+    """K and V come back as separate canonical arrays (C-contiguous, 64-byte aligned, whatever
+    N x HD is), equal to the cells' K/V in the order asked, and never views of the cache."""
+    cache = KVCache(2, kv_heads, head_dim, capacity=64)
+    cells = cache.alloc(np.arange(40), [(0,)] * 40)
+    rng = np.random.default_rng(n)
+    cache.k[:] = rng.standard_normal(cache.k.shape)
+    cache.v[:] = rng.standard_normal(cache.v.shape)
+    chosen = rng.permutation(cells)[:n]
+    k, v = cache.gather(1, chosen)
+    assert k.shape == v.shape == (kv_heads, n, head_dim)
+    if n:
+        assert kernels.is_canonical(k) and kernels.is_canonical(v)
+    assert np.array_equal(k, cache.k[1][:, chosen]) and np.array_equal(v, cache.v[1][:, chosen])
+    assert not np.shares_memory(k, cache.k) and not np.shares_memory(v, cache.v) and not np.shares_memory(k, v)
