@@ -30,22 +30,38 @@ def _parse_ids(text: str) -> list[int]:
         raise InputError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
 
 
+class _JoinSources(argparse.Action):
+    """`--draft-model` given more than once: the sources are merged (spelled A+B internally)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, values if given is None else f"{given}+{values}")
+
+
 def add_speculation_flags(parser: argparse.ArgumentParser) -> None:
     """The draft and speculation flags (`generate` and `serve` share them)."""
     spec = parser.add_argument_group("speculation (speculative, tree, pipeinfer, specpipe)")
     spec.add_argument("--draft", metavar="N|SOURCE", action="append",
-                      help="may be given twice. A number: the most tokens drafted per verification or run (default 4; pipeinfer 16, "
-                           "as in the original, whose README suggests 3-8); otherwise the draft source, as for "
-                           "--draft-model")
-    spec.add_argument("--draft-model", metavar="SOURCE",
+                      help="may be given more than once. A number: the most tokens drafted per verification or run "
+                           "(default 4); otherwise a draft source, as for --draft-model")
+    spec.add_argument("--draft-model", metavar="SOURCE", action=_JoinSources,
                       help="where drafts come from: a checkpoint directory or model name sharing the target's "
                            "tokenizer (default: the shipped tinybard-draft), 'ngram' (prompt lookup, no model), "
-                           "or 'oracle:P' (the target's own greedy tokens, each right with probability P: for "
-                           "tests and benchmarks)")
+                           "'self:K' (the target's own first K layers, final norm and head, sharing its weights; "
+                           "'self': half the layers), or 'oracle:P' (the target's own tokens, each right with "
+                           "probability P: for tests and benchmarks). Given more than once, the sources are merged "
+                           "(SpecInfer's merge-based token trees; docs/drafts.md)")
+    spec.add_argument("--draft-lane", choices=("own", "head"), default="own",
+                      help="local runtime: where the draft runs. own (default): on a lane of its own, so decoders "
+                           "draft ahead while the head waits for the pipeline (SpecPipe's next layer, PipeInfer's "
+                           "next run); head: in the head, on its critical path")
     spec.add_argument("--p-accept", type=float, metavar="P",
-                      help="stop drafting when the draft's own top probability falls below P (adaptive "
-                           "speculation length; llama.cpp's --draft-p-min). Default 0 (always draft --draft "
-                           "tokens); pipeinfer 0.5. Lower drafts more, wasting more work on rejections")
+                      help="how sure the draft must be, by its calibrated confidence (this request's measured "
+                           "acceptance of guesses like it; docs/drafts.md). speculative: extend the chain while the "
+                           "chance that all of it is accepted is at least P (default 0.3); tree: add children at "
+                           "least this probable (default 0); pipeinfer: the drafting cutoff (default 0.3); specpipe: "
+                           "beyond the best node of a layer, add nodes at least this likely to become the tip "
+                           "(default 0.3). Drafts that are not accepted make speculation back off by itself")
     spec.add_argument("--p-split", type=float, default=0.1, metavar="P",
                       help="pipeinfer: an alternative above P opens a new branch, up to --branches (default 0.1)")
     spec.add_argument("--p-recovery", type=float, default=0.0, metavar="P",
@@ -55,10 +71,10 @@ def add_speculation_flags(parser: argparse.ArgumentParser) -> None:
                       help="pipeinfer: lower the cutoff by P per empty drafting attempt, to fill idle time (default 0)")
     spec.add_argument("--branches", type=int, default=1, metavar="N",
                       help="pipeinfer: most branches per speculative run (default 1; the original suggests 3-4 at most)")
-    spec.add_argument("--max-inflight", type=int, default=16, metavar="N",
-                      help="pipeinfer: most runs in flight at once (default 16)")
+    spec.add_argument("--max-inflight", type=int, metavar="N",
+                      help="pipeinfer: most runs in flight at once (default twice the stages)")
     spec.add_argument("--width", type=int, default=4, metavar="W",
-                      help="specpipe: nodes per new tree layer, the width budget (default 4). Wider trees hit "
+                      help="specpipe: most nodes per new tree layer, the width budget (default 4). Wider trees hit "
                            "more often but cost more rows per step")
     spec.add_argument("--tree-schedule", metavar="K1,K2,...", default="1,1,3,1,1,1,1,1",
                       help="tree: children per leaf at each depth (default SpecInfer's 1,1,3,1,1,1,1,1)")
@@ -425,11 +441,6 @@ def _run_strategy(args, config, requests, show_progress, on_finish=None):
     if args.threads != 1:
         raise InputError("--threads applies to --strategy greedy (pipeline stages use one BLAS thread each)")
 
-    from .engine import Engine
-    from .runtime import open_pipeline
-    from .strategies import largest_run
-    from .trace import TracedDraft, TracedPipeline, Tracer
-
     split = None
     if args.split:
         try:
@@ -446,15 +457,69 @@ def _run_strategy(args, config, requests, show_progress, on_finish=None):
         raise InputError("--link-delay-ms needs --runtime process or mpi (the local runtime's is --slow-link-ms)")
     if (getattr(args, "hostfile", None) or getattr(args, "hosts", None)) and args.runtime != "mpi":
         raise InputError("--hostfile and --hosts need --runtime mpi")
+    stage_models = None
+    if args.runtime == "local":  # the stages live in this process: a self:K draft shares their weights
+        from .runtime import load_stage_models, split_layers
+
+        stage_models = load_stage_models(args.model, split_layers(config.n_layers, n_stages, split))
+    server = None
+    if _wants_draft_server(args):  # the draft in a process of its own, fed over a pipe
+        from .draft_server import DraftServer
+
+        server = DraftServer(_draft_spec(args)[0], args.model)
+    try:
+        strategy = _make_strategy(args, config, requests, stage_models, None if server is None else server.source)
+        return _serve_requests(args, config, requests, strategy, n_stages, split, stage_models, link_delay_ms,
+                               on_finish)
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _wants_draft_server(args) -> bool:
+    """Process runtime, `--draft-lane own`: a draft server for the strategies that draft ahead of
+    need (pipeinfer, specpipe) when the draft computes (a model or self:K; n-gram and oracle
+    drafts cost too little to be worth a process). The synchronous strategies draft in the head:
+    they wait for every draft anyway, so a server would only add a round trip."""
+    if args.runtime != "process" or getattr(args, "draft_lane", "own") != "own":
+        return False
+    if args.strategy not in ("pipeinfer", "specpipe"):
+        return False
+    spec = _draft_spec(args)[0]
+    return spec is None or any(part != "ngram" and not part.startswith("oracle") for part in spec.split("+"))
+
+
+def _draft_spec(args) -> tuple[str | None, int | None]:
+    """The draft source's spelling (sources joined by '+'; None: the default draft) and the number
+    given to --draft, if any."""
+    sources = [] if args.draft_model is None else [args.draft_model]
+    n_draft = None
+    for value in args.draft or []:
+        if value.isdigit():
+            n_draft = int(value)
+        else:
+            sources.append(value)
+    return ("+".join(sources) if sources else None), n_draft
+
+
+def _serve_requests(args, config, requests, strategy, n_stages, split, stage_models, link_delay_ms, on_finish):
+    """Open the pipeline and serve `requests` with `strategy` through one engine."""
+    from .engine import Engine
+    from .model import load_stage
+    from .runtime import open_pipeline
+    from .strategies import largest_run
+    from .trace import TracedDraft, TracedPipeline, Tracer
+
     max_running = args.max_running or (16 if args.requests else 1)
-    strategy = _make_strategy(args, config, requests)
     html = getattr(args, "html", None)
     tracer = Tracer(enabled=bool(args.trace or args.timeline or html))
     cost = None
     if args.runtime == "local":
         from .runtime.cost import calibrate, fixed
 
-        draft_model = getattr(getattr(strategy, "draft", None), "model", None)
+        draft = getattr(strategy, "draft", None)
+        models = [getattr(d, "model", None) for d in getattr(draft, "sources", [draft])]
+        draft_model = next((m for m in models if m is not None), None)  # (merged: priced as its first model)
         if getattr(args, "cost", None) == "calibrated":
             cost = calibrate(load_stage(args.model), draft_model, repeats=2)
             how = "calibrated here"
@@ -476,7 +541,8 @@ def _run_strategy(args, config, requests, show_progress, on_finish=None):
                        tracer=tracer, cost=cost, max_rows=largest_run(strategy, max_running),
                        stage_timeout=args.stage_timeout, cache_cells=args.kv_cells,
                        row_seqs=strategy.max_row_seqs(), logits_rows=max_running * strategy.logits_rows(),
-                       link_delay=link_delay_ms / 1e3) as pipe:
+                       link_delay=link_delay_ms / 1e3, models=stage_models,
+                       draft_lane=getattr(args, "draft_lane", "own") == "own") as pipe:
         listeners = []
         recording = None
         if tracer.enabled:  # record what the head sends (KV edit labels, hops, the viewer's replay)
@@ -539,10 +605,13 @@ def _run_greedy(args, model, requests, on_finish):
     return requests
 
 
-def _make_strategy(args, config, requests):
-    """The strategy object for --strategy, with its draft source."""
+def _make_strategy(args, config, requests, stage_models=None, draft=None):
+    """The strategy object for --strategy, with its draft source; unset knobs take
+    `strategies.default_settings` for the stage count (what the benchmark tables use).
+    `stage_models`: the target's stages when they live in this process (a self:K draft shares
+    their arrays); `draft`: the draft source if already made (a draft server's)."""
     from .strategies import (NEEDS_DRAFT, PipeInferStrategy, PipelineStrategy, SpecPipeStrategy, SpeculativeStrategy,
-                             TreeStrategy)
+                             TreeStrategy, default_settings)
 
     if args.verify != "coupled" and args.strategy not in ("speculative", "tree"):
         raise InputError(f"--verify {args.verify} applies to --strategy speculative and tree")
@@ -550,55 +619,48 @@ def _make_strategy(args, config, requests):
         if args.draft or args.draft_model or args.tree_budget:
             raise InputError(f"--draft/--draft-model/--tree-budget need a speculative --strategy, not {args.strategy}")
         return PipelineStrategy()
-    n_draft, source = (16 if args.strategy == "pipeinfer" else 4), args.draft_model
-    for value in args.draft or []:
-        if value.isdigit():
-            n_draft = int(value)
-        elif source is None:
-            source = value
-        else:
-            raise InputError("give the draft source once: --draft SOURCE or --draft-model SOURCE")
-    p_accept = args.p_accept if args.p_accept is not None else (0.5 if args.strategy == "pipeinfer" else 0.0)
-    if n_draft < 1 or args.branches < 1 or args.max_inflight < 1:
+    split = args.split.split(",") if getattr(args, "split", None) else None
+    n_stages = args.stages or (len(split) if split else 2)
+    defaults = default_settings(args.strategy, n_stages)
+    source, n_draft = _draft_spec(args)
+    n_draft = n_draft if n_draft is not None else defaults.get("k", defaults.get("n_draft", 4))
+    p_accept = args.p_accept
+    max_inflight = args.max_inflight if args.max_inflight is not None else defaults.get("max_inflight")
+    if n_draft < 1 or args.branches < 1 or (max_inflight or 1) < 1:
         raise InputError("--draft, --branches and --max-inflight must be >= 1")
-    draft = _make_draft(source, args.model, config, requests)
+    if draft is None:
+        draft = _make_draft(source, args.model, config, requests, stage_models)
     if args.verify == "mss" and not hasattr(draft, "sampling_distribution"):
         raise InputError(f"--verify mss needs a draft model (its distribution q), not {draft.name}")
     if args.strategy == "speculative":
-        return SpeculativeStrategy(draft, k=n_draft, min_confidence=p_accept, verify=args.verify)
+        return SpeculativeStrategy(draft, k=n_draft, verify=args.verify,
+                                   min_confidence=defaults["min_confidence"] if p_accept is None else p_accept)
     if args.strategy == "specpipe":
         if args.width < 1:
             raise InputError("--width must be >= 1")
-        return SpecPipeStrategy(draft, width=args.width)
+        return SpecPipeStrategy(draft, width=args.width,
+                                min_path=defaults["min_path"] if p_accept is None else p_accept)
     if args.strategy == "pipeinfer":
-        return PipeInferStrategy(draft, p_accept=p_accept, p_split=args.p_split, p_recovery=args.p_recovery,
-                                 p_decay=args.p_decay, n_draft=n_draft, branches=args.branches,
-                                 max_inflight=args.max_inflight)
+        return PipeInferStrategy(draft, p_accept=defaults["p_accept"] if p_accept is None else p_accept,
+                                 p_split=args.p_split, p_recovery=args.p_recovery, p_decay=args.p_decay,
+                                 n_draft=n_draft, branches=args.branches, max_inflight=max_inflight)
     try:
         schedule = [int(w) for w in args.tree_schedule.split(",")]
     except ValueError:
         raise InputError(f"--tree-schedule must be comma-separated widths, got {args.tree_schedule!r}") from None
     if any(w < 1 for w in schedule) or args.tree_budget is not None and args.tree_budget < 1:
         raise InputError("tree widths and --tree-budget must be >= 1")
-    return TreeStrategy(draft, schedule=schedule, budget=args.tree_budget, min_confidence=p_accept, verify=args.verify)
+    return TreeStrategy(draft, schedule=schedule, budget=args.tree_budget, verify=args.verify,
+                        min_confidence=defaults["min_confidence"] if p_accept is None else p_accept)
 
 
-def _make_draft(source, target_dir, config, requests):
-    """A draft source from its command-line spelling (see --draft-model)."""
-    from .draft import DraftModel, NgramDraft, OracleDraft, check_compatible
+def _make_draft(source, target_dir, config, requests, stage_models=None):
+    """A draft source from its command-line spelling (see --draft-model; `draft.build_draft`)."""
+    from .draft import build_draft
     from .model import load_stage
-    from .paths import DEFAULT_DRAFT, resolve_model
 
-    if source == "ngram":
-        return NgramDraft()
-    if source == "oracle" or source is not None and source.startswith("oracle:"):
-        try:
-            p = float(source.split(":", 1)[1]) if ":" in source else 0.8
-        except ValueError:
-            p = math.nan
-        if not 0.0 <= p <= 1.0:  # NaN fails too
-            raise InputError(f"oracle drafts are spelled oracle:P with P a probability between 0 and 1, "
-                             f"got {source!r}")
+    truth_of = None
+    if source is not None and any(part == "oracle" or part.startswith("oracle:") for part in source.split("+")):
         from .greedy import generate_greedy
 
         target = load_stage(target_dir)
@@ -608,11 +670,7 @@ def _make_draft(source, target_dir, config, requests):
         def truth_of(prompt: list[int], sampling) -> list[int]:
             return generate_greedy(target, prompt, longest, stop_ids, sampling=sampling).tokens
 
-        return OracleDraft(truth_of, p, config.vocab_size)
-    draft_dir = resolve_model(source, default=DEFAULT_DRAFT)
-    draft = load_stage(draft_dir)
-    check_compatible(target_dir, draft_dir, config.vocab_size, draft.config.vocab_size)
-    return DraftModel(draft, target_vocab=config.vocab_size)
+    return build_draft(source, target_dir, config, stage_models, truth_of)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

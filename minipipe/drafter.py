@@ -112,12 +112,18 @@ class Drafter(DraftSource):
         self.memo: dict[tuple, tuple[list[Guess], float, bool]] = {}  # (context, k) -> (raw guesses, ready, ahead)
         self._rows = 0  # draft rows computed for this request (ahead or not)
         self.asked = 0  # questions the decoder asked
-        self.ready_ahead = 0  # ... answered by drafting ahead of need
+        self._ready_ahead = 0  # ... answered by drafting ahead of need
         self._ahead = False  # inside `ahead`: compute and remember, do not wait, do not calibrate
 
     @property
     def rows(self) -> int:
+        """Draft rows computed for this request (ahead or not)."""
         return self._rows + sum(p.rows for p in self.parts)
+
+    @property
+    def ready_ahead(self) -> int:
+        """Questions the decoder asked whose answers were computed ahead of need."""
+        return self._ready_ahead + sum(p.ready_ahead for p in self.parts)
 
     @property
     def pool(self):
@@ -146,7 +152,9 @@ class Drafter(DraftSource):
         missing = [i for i, key in enumerate(keys) if key not in self.memo]
         if missing:
             rows0, forwards0 = self.source.tokens_computed, self.source.forwards_computed
+            hits0 = getattr(self.source, "ahead_hits", 0)  # (a draft server's answers computed ahead)
             answers = self.source.top_many([contexts[i] for i in missing], k)
+            self._ready_ahead += getattr(self.source, "ahead_hits", 0) - hits0
             ready = self.charge(self.source.tokens_computed - rows0, self.source.forwards_computed - forwards0,
                                 wait=not self._ahead)
             for i, guesses in zip(missing, answers):
@@ -157,7 +165,7 @@ class Drafter(DraftSource):
             if not self._ahead:
                 self.asked += 1
                 if ahead:
-                    self.ready_ahead += 1
+                    self._ready_ahead += 1
                     self.memo[key] = (guesses, ready, False)  # counted once
                 self.head.draft_wait(ready)
                 if self.calibration is not None:

@@ -71,7 +71,8 @@ class Drafted(Event):
     probs: tuple[float, ...]  # the draft's probability of each
     cutoff: float | None = None  # the confidence below which drafting stopped (PipeInfer)
     stopped_at: float | None = None  # the probability that fell below the cutoff, if one did
-    draft_rows: int = 0  # draft-model rows computed for it (the drafting cost)
+    draft_rows: int = 0  # draft-model rows computed for it while the head waited (the drafting cost)
+    ahead: int = 0  # questions to the draft it asked that were answered ahead of need, on the draft's lane
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,18 @@ prompts and all positions j with j + k <= G,
 The prompts default to the held-out set written by tools/train_tinybard.py (`prepare`) and shipped
 as models/tinybard/heldout_prompts.json: a speech from a play the models never saw in training,
 then the next speaker's name.
+
+Other drafts (`--draft`):
+
+* `self:K` or a range `self:A-B` — the target's own first K layers, final norm and head
+  (self-speculation). One teacher-forced pass of the target gives every K at once: its hidden
+  state after layer K, through the final norm and head, is exactly what the self:K draft computes
+  on the same context (its first K layers' K/V are the target's).
+* `ngram` — prompt lookup (`minipipe.draft.NgramDraft`) on the same contexts.
+
+`--chat` wraps each prompt in the target's chat template (tools/chat_prompts.json holds held-out
+chat prompts): `python tools/measure_agreement.py --target smollm2-135m --draft self:2-15 --chat
+--prompts tools/chat_prompts.json` makes the table in docs/drafts.md.
 """
 
 from __future__ import annotations
@@ -67,6 +79,95 @@ def draft_matches(draft: StageModel, prompt: list[int], tokens: list[int]) -> np
         rows.append(draft.forward(cache, Batch.chain(tokens[:-1], len(prompt))))  # [G-1, V]
     proposals = kernels.argmax_rows(np.concatenate(rows))  # [G]
     return proposals == np.asarray(tokens)
+
+
+def self_draft_matches(target: StageModel, prompt: list[int], tokens: list[int], ks: list[int]) -> dict[int, np.ndarray]:
+    """match[K][j] = self:K's greedy token after prompt + tokens[:j] equals tokens[j], for every K
+    in one pass of the target: the hidden state after layer K, through the final norm and head,
+    is the self:K draft's logits (the prompt in canonical prefill chunks, the rest as decode rows,
+    as the draft computes them).  -> {K: [G] bool}"""
+    G = len(tokens)
+    cache = target.new_cache(capacity=len(prompt) + G)
+    hidden: dict[int, list[np.ndarray]] = {k: [] for k in ks}  # K -> [rows, D] pieces, in context order
+
+    def run(batch: Batch, keep: np.ndarray) -> None:
+        state = target.start(cache, batch)
+        while not state.done:
+            target.run_layer(state)
+            if state.layer in hidden:
+                hidden[state.layer].append(state.x[keep].copy())
+
+    for start, end in kernels.prefill_chunks(len(prompt)):  # the last prompt row predicts tokens[0]
+        last = end == len(prompt)
+        batch = Batch.chain(prompt[start:end], start, want_logits="last" if last else "none", prefill=True)
+        run(batch, batch.want_logits if last else np.zeros(end - start, dtype=bool))
+    if G > 1:  # tokens[:-1] as decode rows: row j predicts tokens[j + 1]
+        batch = Batch.chain(tokens[:-1], len(prompt))
+        run(batch, batch.want_logits)
+    truth = np.asarray(tokens)
+    return {k: kernels.argmax_rows(target.logits(np.concatenate(hidden[k]))) == truth for k in ks}
+
+
+def ngram_matches(prompt: list[int], tokens: list[int]) -> np.ndarray:
+    """match[j] = prompt lookup's first guess after prompt + tokens[:j] equals tokens[j].  -> [G] bool"""
+    from minipipe.draft import NgramDraft
+
+    draft, context, out = NgramDraft(), list(prompt), []
+    for token in tokens:
+        guesses = draft.top(context, 1)
+        out.append(bool(guesses) and guesses[0][0] == token)
+        context.append(token)
+    return np.array(out, dtype=bool)
+
+
+def parse_self_range(spec: str, n_layers: int) -> list[int]:
+    """`self:K` or `self:A-B` -> the K values."""
+    body = spec.split(":", 1)[1] if ":" in spec else ""
+    try:
+        lo, hi = (int(x) for x in body.split("-")) if "-" in body else (int(body), int(body))
+    except ValueError:
+        sys.exit(f"error: --draft {spec}: write self:K or self:A-B")
+    if not 1 <= lo <= hi < n_layers:
+        sys.exit(f"error: --draft {spec}: K must be between 1 and {n_layers - 1}")
+    return list(range(lo, hi + 1))
+
+
+def measure_many(target_dir: Path, spec: str, prompts: list[str], new_tokens: int, chat: bool) -> dict:
+    """Agreement of self:K drafts (every K of the range) or prompt lookup with the target."""
+    t0 = time.time()
+    target = load_stage(target_dir)
+    tokenizer = Tokenizer(target_dir, load_config(target_dir).eos_ids)
+    ks = parse_self_range(spec, target.config.n_layers) if spec.startswith("self") else []
+    per_draft: dict[str, list[np.ndarray]] = {f"self:{k}": [] for k in ks} if ks else {"ngram": []}
+    for text in prompts:
+        if chat:
+            from minipipe.chat import chat_prompt
+
+            text = chat_prompt(tokenizer, text)
+        prompt = tokenizer.encode(text)
+        tokens = generate_greedy(target, prompt, new_tokens, eos_ids=tokenizer.eos_ids).tokens
+        if ks:
+            for k, m in self_draft_matches(target, prompt, tokens, ks).items():
+                per_draft[f"self:{k}"].append(m)
+        else:
+            per_draft["ngram"].append(ngram_matches(prompt, tokens))
+    rows = []
+    for name, matches in per_draft.items():
+        flat = np.concatenate(matches)
+        per_k = chain_acceptance(matches, 4)
+        rows.append({"draft": name, "agreement": float(flat.mean()), "positions": int(flat.size),
+                     "p_chain_4": per_k[3]["p_chain"], "expected_accepted_4": per_k[3]["expected_accepted"]})
+    return {"target": str(target_dir), "n_prompts": len(prompts), "new_tokens": new_tokens, "chat": chat,
+            "drafts": rows, "seconds": round(time.time() - t0, 1)}
+
+
+def print_many(r: dict) -> None:
+    print(f"target {r['target']}; {r['n_prompts']} prompts{' (chat template)' if r['chat'] else ''}, up to "
+          f"{r['new_tokens']} greedy tokens each ({r['seconds']} s)")
+    print(f"{'draft':<10} {'agreement':>9} {'positions':>9} {'P(chain of 4)':>13} {'E[accepted | 4]':>15}")
+    for row in r["drafts"]:
+        print(f"{row['draft']:<10} {100 * row['agreement']:>8.1f}% {row['positions']:>9} {row['p_chain_4']:>13.3f} "
+              f"{row['expected_accepted_4']:>15.2f}")
 
 
 def chain_acceptance(matches: list[np.ndarray], max_k: int = MAX_K) -> list[dict]:
@@ -124,8 +225,10 @@ def print_table(r: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--target", type=Path, default=DEFAULT_TARGET, help="target checkpoint directory")
-    p.add_argument("--draft", type=Path, default=DEFAULT_DRAFT, help="draft checkpoint directory")
+    p.add_argument("--target", default=str(DEFAULT_TARGET), help="target checkpoint directory or model name")
+    p.add_argument("--draft", default=str(DEFAULT_DRAFT),
+                   help="draft checkpoint directory, or self:K / self:A-B (the target's first K layers), or ngram")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the target's chat template")
     p.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS,
                    help="JSON file with a list of prompts under 'prompts' (or a plain list)")
     p.add_argument("-n", "--n-prompts", type=int, default=128, help="use the first N prompts (the file holds 128)")
@@ -140,7 +243,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.n_prompts < 1 or args.new_tokens < 1:
         sys.exit("error: --n-prompts and --new-tokens must be positive")
     blas.set_threads(1)  # minipipe's default kernel configuration
-    result = measure(args.target, args.draft, prompts[: args.n_prompts], args.new_tokens)
+    from minipipe.paths import resolve_model
+
+    target = resolve_model(args.target)
+    if args.draft.startswith("self") or args.draft == "ngram":
+        result = measure_many(target, args.draft, prompts[: args.n_prompts], args.new_tokens, args.chat)
+        print(json.dumps(result, indent=1)) if args.json else print_many(result)
+        return 0
+    if args.chat:
+        sys.exit("error: --chat is for self:K and ngram drafts")
+    result = measure(target, resolve_model(args.draft), prompts[: args.n_prompts], args.new_tokens)
     if args.json:
         print(json.dumps(result, indent=1))
     else:

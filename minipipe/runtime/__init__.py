@@ -28,7 +28,8 @@ def open_pipeline(model_dir: str | Path, runtime: str = "process", n_stages: int
                   split: list[int] | None = None, n_seqs: int = 1, tracer: Tracer | None = None,
                   cost: CostModel | None = None, chooser: Chooser | None = None, max_rows: int | None = None,
                   stage_timeout: float | None = None, cache_cells: int | None = None,
-                  row_seqs: int | None = None, logits_rows: int = 0, link_delay: float = 0.0) -> Pipeline:
+                  row_seqs: int | None = None, logits_rows: int = 0, link_delay: float = 0.0,
+                  models: list[StageModel] | None = None, draft_lane: bool = True) -> Pipeline:
     """A pipeline over the target in `model_dir`, on the chosen runtime.
 
     Process runtime only: `max_rows` the most rows one run carries (default: a prefill chunk;
@@ -36,6 +37,9 @@ def open_pipeline(model_dir: str | Path, runtime: str = "process", n_stages: int
     of life (default `process.STAGE_TIMEOUT_S`; 0: never). `cache_cells`: KV cells each stage's
     cache starts with (the engine's budget; default 256, growing when needed). `link_delay`
     (process and mpi runtimes): seconds every hop takes to deliver a message, for real.
+
+    Local runtime only: `models`, the stage models if already loaded (a self:K draft shares
+    their weights); `draft_lane`, whether the draft runs on a lane of its own (`LocalPipeline`).
 
     The mpi runtime (`runtime/mpi.py`) runs on rank 0 of an MPI job whose other ranks run
     `runtime.mpi.stage_rank_main` (the command line does both)."""
@@ -54,7 +58,9 @@ def open_pipeline(model_dir: str | Path, runtime: str = "process", n_stages: int
         return MPIPipeline(model_dir, n_stages, split, n_seqs, tracer=tracer, cache_cells=cells, link_delay=link_delay,
                            stage_timeout=STAGE_TIMEOUT_S if stage_timeout is None else stage_timeout)
     if runtime == "local":
-        config = load_config(model_dir)
-        models = load_stage_models(model_dir, split_layers(config.n_layers, n_stages, split))
-        return LocalPipeline(models, n_seqs, cost=cost, chooser=chooser, tracer=tracer, cache_cells=cells)
+        if models is None:
+            config = load_config(model_dir)
+            models = load_stage_models(model_dir, split_layers(config.n_layers, n_stages, split))
+        return LocalPipeline(models, n_seqs, cost=cost, chooser=chooser, tracer=tracer, cache_cells=cells,
+                             draft_lane=draft_lane)
     raise ValueError(f"unknown runtime {runtime!r}")

@@ -221,13 +221,15 @@ class Decoder:
         self.draft = Drafter(source, self.head, Calibration() if calibrate else None)
         return self.draft
 
-    def draft_mark(self) -> int:
-        """The draft rows computed for this request so far (pass it to `draft_rows_since`)."""
-        return self.draft.rows
+    def draft_mark(self) -> tuple[int, int]:
+        """The draft's work for this request so far: (rows computed, questions answered ahead);
+        pass it to `draft_since`."""
+        return self.draft.rows, self.draft.ready_ahead
 
-    def draft_rows_since(self, mark: int) -> int:
-        """Draft rows computed since `mark` (on the lane: the Drafter charges them as it goes)."""
-        return self.draft.rows - mark
+    def draft_since(self, mark: tuple[int, int]) -> dict:
+        """`Drafted`'s cost fields since `mark`: draft rows computed (the Drafter charges them on the
+        lane as it goes) and questions answered ahead of need."""
+        return {"draft_rows": self.draft.rows - mark[0], "ahead": self.draft.ready_ahead - mark[1]}
 
     def draft_needs(self) -> list[list[int]]:
         """Contexts the next `offer` will ask the draft about (the engine may compute them for

@@ -248,7 +248,7 @@ class PipeInferDecoder(Decoder):
         mark = self.draft_mark()
         tree, stopped_at = draft_run(self.draft, *plan.drafting(self.committed), self.strategy.branches)
         self.emit(Drafted, tokens=tuple(n.token for n in tree.nodes[1:]), probs=tuple(n.prob for n in tree.nodes[1:]),
-                  cutoff=plan.cutoff, stopped_at=stopped_at, draft_rows=self.draft_rows_since(mark))
+                  cutoff=plan.cutoff, stopped_at=stopped_at, **self.draft_since(mark))
         return tree
 
 
@@ -373,14 +373,16 @@ class PipeInferStrategy(Strategy):
                 acceptance of guesses with that claim (`minipipe.drafter`) — so speculation
                 stops by itself when drafts are not accepted, and returns when they are
 
-    Defaults: the original's, but n_draft 4 (its README suggests 3-8; its scripts use 3 and 4).
+    Defaults: the original's, but n_draft 4 (its README suggests 3-8; its scripts use 3 and 4)
+    and p_accept 0.3 on calibrated confidence (the command line's `default_settings`: also
+    max_inflight 2 x n_stages).
     """
 
     name = "pipeinfer"
     one_part_in_flight = False
     offer_while_answer_waits = False  # verify what came back before speculating further
 
-    def __init__(self, draft: DraftSource, p_accept: float = 0.5, p_split: float = 0.1, p_recovery: float = 0.0,
+    def __init__(self, draft: DraftSource, p_accept: float = 0.3, p_split: float = 0.1, p_recovery: float = 0.0,
                  p_decay: float = 0.0, n_draft: int = 4, branches: int = 1, max_inflight: int = 16,
                  calibrate: bool = True):
         self.draft, self.calibrate = draft, calibrate

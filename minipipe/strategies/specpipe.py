@@ -165,7 +165,7 @@ class SpecPipeDecoder(Decoder):
             return False
         mark = self.draft_mark()
         answers = self.draft.top_many([self.committed + self.path_tokens(leaf) for leaf in frontier], s.width)
-        rows = self.draft_rows_since(mark)
+        cost = self.draft_since(mark)
         candidates = sorted(((-leaf.path_prob * prob, i, leaf, token, prob)
                              for i, (leaf, guesses) in enumerate(zip(frontier, answers)) for token, prob in guesses),
                             key=lambda c: (c[0], c[1]))  # (-path probability, order, parent, token, prob)
@@ -180,7 +180,7 @@ class SpecPipeDecoder(Decoder):
         if not layer:
             return False
         self.emit(Drafted, tokens=tuple(n.token for n in layer), probs=tuple(n.path_prob for n in layer),
-                  draft_rows=rows)
+                  **cost)
         self.edit(edits, "view")
         self.send(layer, "tree layer")
         return True
@@ -277,7 +277,7 @@ class SpecPipeStrategy(Strategy):
     name = "specpipe"
     one_part_in_flight = False
 
-    def __init__(self, draft: DraftSource, width: int = 4, max_nodes: int = 256, min_path: float = 0.0,
+    def __init__(self, draft: DraftSource, width: int = 4, max_nodes: int = 256, min_path: float = 0.3,
                  calibrate: bool = True):
         self.draft, self.width, self.max_nodes, self.min_path = draft, width, max_nodes, min_path
         self.calibrate = calibrate

@@ -73,11 +73,11 @@ class VerifyDecoder(Decoder):
         if max_depth > 0 and self.backoff.ready():  # (while drafts are not worth sending, ask less often)
             mark = self.draft_mark()
             self.strategy.grow(tree, self.draft, self.committed, max_depth)
-            rows = self.draft_rows_since(mark)
+            cost = self.draft_since(mark)
             drafted = tree.nodes[1:]
             self.backoff.drafted(bool(drafted))
             self.emit(Drafted, tokens=tuple(n.token for n in drafted), probs=tuple(n.prob for n in drafted),
-                      draft_rows=rows)
+                      **cost)
         q_at = self.draft_distributions(tree) if self.mss else None
         part = self.buffers.acquire()
         self.edit(self.buffers.view(self.seq, part, 0, root_pos), "view")
