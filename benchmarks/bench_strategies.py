@@ -1,218 +1,230 @@
-"""The papers' comparisons: pipeline, speculative, tree, pipeinfer and specpipe, side by side.
+"""The papers' comparisons: pipeline, speculative, tree, pipeinfer and specpipe, side by side,
+every run with the command line's defaults (`strategies.default_settings`, adapted to the stage
+count) — no hand-picked flags.
 
-    python benchmarks/bench_strategies.py                 # both parts, default pair
-    python benchmarks/bench_strategies.py --part clock --stages 4,8 --p 0.2,0.6,0.95
-    python benchmarks/bench_strategies.py --quick         # a smaller grid, about a minute
+    python benchmarks/bench_strategies.py --part clock                  # virtual clock, fixed costs
+    python benchmarks/bench_strategies.py --part clock --cost calibrated  # ... costs measured here
+    python benchmarks/bench_strategies.py --part process                # real processes, every core
+    python benchmarks/bench_strategies.py --quick                       # a smaller grid of both
 
-Part **process** (real processes, real time): every strategy on 2 stages of the process runtime
-with the shipped draft, on the default pair and on SmolLM2 (if pulled; with the n-gram draft,
-since no SmolLM2 draft ships): decode tokens/s, time to first token, inter-token latency (mean,
-p50, p95), and the ratio to `pipeline`.
+Part **clock** (local runtime, virtual clock): the shipped tinybard target, 4 and 8 stages, an
+oracle draft whose first guess is right with probability p (0.2 .. 0.95), on the nominal link of
+the cost model (fixed costs; with `--cost calibrated`, the ring latency measured here) and on a
+slow link (+1 ms per hop). Each cell is the mean over `--seeds` oracle seeds of decode tokens/s;
+ratios to `pipeline` and to `speculative`. PipeInfer and SpecPipe run twice: with the draft on a
+lane of its own (the default: decoders draft ahead while the head waits) and with the draft in
+the head (`--draft-lane head`), side by side. For SpecPipe the measured hit rate h is printed
+next to the sanity model S = N / (1 + (1 - h)(N - 1)) (docs/papers.md).
 
-Part **clock** (local runtime, virtual clock): costs calibrated on this machine from the real
-models (`runtime.cost.calibrate`: per-layer time per row, LM head, draft time per token, and the
-measured one-way ring latency), 4 and 8 stages, an oracle draft whose guesses are right with
-probability p (0.2 .. 0.95), and the same with an added per-hop latency that mimics a slow
-interconnect. Tokens/s on the virtual clock, ratios to `pipeline` and to `speculative`, and for
-SpecPipe the hit rate h next to the sanity model S = N / (1 + (1 - h)(N - 1)) (docs/papers.md).
+Part **process** (real processes, wall-clock time): stage counts from 1 up to the cores this
+machine has, every strategy at each; greedy on one thread and on every core (`--threads`), each
+round interleaving every run so that load drifts hit them alike; medians over `--rounds`. Pairs:
+tinybard with its draft, and SmolLM2-135M (if pulled) with prompt lookup on ordinary text and on
+text that repeats. Tokens/s and the ratio to greedy with every core.
 
-Every run's tokens are checked against greedy decoding ("exact" column).
+Every run goes through `minipipe generate --json` in this process, and its tokens are checked
+against greedy decoding ("exact").
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import os
+import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minipipe.config import load_config  # noqa: E402
-from minipipe.draft import DraftModel, NgramDraft, OracleDraft  # noqa: E402
+from minipipe.cli import main as minipipe  # noqa: E402
 from minipipe.errors import MinipipeError  # noqa: E402
-from minipipe.greedy import generate_greedy  # noqa: E402
-from minipipe.model import load_stage  # noqa: E402
-from minipipe.paths import DEFAULT_DRAFT, resolve_model  # noqa: E402
-from minipipe.runtime import LocalPipeline, load_stage_models, open_pipeline, split_layers  # noqa: E402
-from minipipe.runtime.cost import calibrate  # noqa: E402
-from minipipe.strategies import (PipeInferStrategy, PipelineStrategy, SpecPipeStrategy, SpeculativeStrategy,  # noqa: E402
-                                 TreeStrategy, generate)
-from minipipe.tokenizer import Tokenizer  # noqa: E402
+from minipipe.paths import resolve_model  # noqa: E402
 
 STRATEGY_NAMES = ("pipeline", "speculative", "tree", "pipeinfer", "specpipe")
+LANE_STRATEGIES = ("pipeinfer", "specpipe")  # they draft ahead: measured with the draft on its lane and in the head
+ORDINARY = "Once upon a time, in a small village by the sea,"
+REPETITIVE = "The capital of France is Paris. The capital of"
 
 
-def make_strategy(name: str, draft, n_stages: int):
-    """The settings compared (one line each, so the table can say what it measured)."""
-    if name == "pipeline":
-        return PipelineStrategy()
-    if name == "speculative":
-        return SpeculativeStrategy(draft, k=4)
-    if name == "tree":
-        return TreeStrategy(draft)  # SpecInfer's <1,1,3,1,1,1,1,1>
-    if name == "pipeinfer":
-        return PipeInferStrategy(draft, p_accept=0.3, n_draft=4, max_inflight=2 * n_stages + 2)
-    return SpecPipeStrategy(draft, width=2)
-
-
-def summarize(result, greedy_tokens) -> dict:
-    m = result.metrics.to_dict()
-    itl = m["inter_token_latency_s"]
-    spec = m.get("speculation") or {}
-    return {"tokens_per_s": m["decode_tokens_per_s"], "ttft_ms": (m["time_to_first_token_s"] or 0) * 1e3,
-            "itl_mean_ms": (itl["mean"] or 0) * 1e3, "itl_p50_ms": (itl["p50"] or 0) * 1e3,
-            "itl_p95_ms": (itl["p95"] or 0) * 1e3, "exact": result.tokens == greedy_tokens,
-            "acceptance": spec.get("acceptance_rate"), "hit_rate": spec.get("hit_rate")}
+def generate(argv: list[str]) -> dict:
+    """One `minipipe generate ... --json --quiet` in this process; its JSON."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = minipipe(["generate", *argv, "--json", "--quiet", "--ignore-eos"])
+    if code != 0:
+        raise SystemExit(f"minipipe generate {' '.join(argv)} failed")
+    return json.loads(out.getvalue().splitlines()[-1])
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 # ----------------------------------------------------------------------------------------------
+# the virtual clock
 
 
-def part_process(pairs, n_tokens: int, repeats: int) -> list[dict]:
+def part_clock(tokens: int, stage_counts: list[int], ps: list[float], slow_ms: float, cost: str,
+               seeds: int) -> list[dict]:
     rows = []
-    for label, target_dir, make_draft, prompt in pairs:
-        config = load_config(target_dir)
-        tok = Tokenizer(target_dir, config.eos_ids)
-        ids = tok.encode(prompt)
-        greedy = generate_greedy(load_stage(target_dir), ids, n_tokens)  # eos ignored: equal lengths
-        rows.append({"model": label, "strategy": "greedy (1 process)", **summarize(greedy, greedy.tokens)})
-        for name in STRATEGY_NAMES:
-            best = None
-            for _ in range(repeats):
-                strategy = make_strategy(name, make_draft(), 2)
-                with open_pipeline(target_dir, "process", 2, n_seqs=strategy.n_seqs) as pipe:
-                    result = generate(strategy, pipe, ids, n_tokens, (), config.max_positions)
-                row = summarize(result, greedy.tokens)
-                if best is None or (row["tokens_per_s"] or 0) > (best["tokens_per_s"] or 0):
-                    best = row
-            rows.append({"model": label, "strategy": name, **best})
-            log(f"  process {label} {name}: {best['tokens_per_s']} tok/s")
+    base_argv = ["ROMEO:", "--runtime", "local", "--cost", cost, "--max-new-tokens", str(tokens)]
+    truth = generate(["ROMEO:", "--max-new-tokens", str(tokens)])["tokens"]
+    for n in stage_counts:
+        for link in (0.0, slow_ms):
+            link_argv = ["--slow-link-ms", str(link)] if link else []
+            pipeline = generate([*base_argv, "--strategy", "pipeline", "--stages", str(n), *link_argv])
+            assert pipeline["tokens"] == truth
+            for p in ps:
+                runs = [("pipeline", "own", pipeline)]
+                for name in STRATEGY_NAMES[1:]:
+                    for lane in ("own", "head") if name in LANE_STRATEGIES else ("own",):
+                        results = []
+                        for seed in range(seeds):  # the oracle's coins: oracle:P:SEED
+                            r = generate([*base_argv, "--strategy", name, "--stages", str(n), *link_argv,
+                                          "--draft-model", f"oracle:{p}:{seed}", "--draft-lane", lane])
+                            assert r["tokens"] == truth, (name, n, p, lane)  # greedy's tokens, every run
+                            results.append(r)
+                        runs.append((name, lane, results))
+                for name, lane, rs in runs:
+                    rs = rs if isinstance(rs, list) else [rs]
+                    spec = [r["metrics"].get("speculation") or {} for r in rs]
+                    rows.append({"stages": n, "slow_link_ms": link, "p": p, "strategy": name, "draft_lane": lane,
+                                 "tokens_per_s": statistics.mean(r["metrics"]["decode_tokens_per_s"] for r in rs),
+                                 "per_seed": [r["metrics"]["decode_tokens_per_s"] for r in rs],
+                                 "hit_rate": statistics.mean(s["hit_rate"] for s in spec) if spec[0].get("hit_rate")
+                                 is not None else None,
+                                 "itl_mean_ms": 1e3 * statistics.mean(r["metrics"]["inter_token_latency_s"]["mean"]
+                                                                      for r in rs)})
+            log(f"  clock {n} stages, +{link} ms/hop done")
     return rows
 
 
-def part_clock(target_dir, draft_dir, n_tokens: int, stage_counts, ps, slow_hop: float) -> tuple[list[dict], str]:
-    config = load_config(target_dir)
-    tok = Tokenizer(target_dir, config.eos_ids)
-    ids = tok.encode("Once upon a time")
-    target = load_stage(target_dir)
-    draft = load_stage(draft_dir)
-    from bench_ring import ring_latency  # noqa: E402  (same folder)
-
-    import numpy as np
-    hop = ring_latency(np.zeros(16 + config.dim, np.float32), 600)
-    base_cost = calibrate(target, draft, hop_latency=hop)
-    truth = generate_greedy(target, ids, n_tokens).tokens
-    rows = []
-    for n_stages in stage_counts:
-        models = load_stage_models(target_dir, split_layers(config.n_layers, n_stages))
-        for link, cost in (("measured hop", base_cost), (f"+{slow_hop * 1e3:.1f} ms/hop", base_cost.with_hop_latency(slow_hop))):
+def print_clock(rows: list[dict], cost: str) -> None:
+    print(f"\nVirtual clock ({cost} costs), tinybard, oracle draft right with probability p: decode tok/s "
+          "(ratio to pipeline | to speculative); 'head': the draft in the head (--draft-lane head)")
+    for n, link in dict.fromkeys((r["stages"], r["slow_link_ms"]) for r in rows):
+        sel = [r for r in rows if r["stages"] == n and r["slow_link_ms"] == link]
+        ps = list(dict.fromkeys(r["p"] for r in sel))
+        print(f"\n{n} stages, {'+' + str(link) + ' ms per hop' if link else 'the cost model link'}")
+        print(f"{'strategy':<17}" + "".join(f"{'p=' + str(p):>22}" for p in ps))
+        for name, lane in dict.fromkeys((r["strategy"], r["draft_lane"]) for r in sel):
+            cells = []
             for p in ps:
-                for name in STRATEGY_NAMES:
-                    strategy = make_strategy(name, OracleDraft(truth + [0] * 64, p, config.vocab_size, seed=1), n_stages)
-                    pipe = LocalPipeline(models, n_seqs=strategy.n_seqs, cost=cost)
-                    result = generate(strategy, pipe, ids, n_tokens, (), config.max_positions)
-                    rows.append({"stages": n_stages, "link": link, "p": p, "strategy": name,
-                                 **summarize(result, truth)})
-                log(f"  clock {n_stages} stages {link} p={p} done")
-    return rows, base_cost.describe()
+                at = {(r["strategy"], r["draft_lane"]): r for r in sel if r["p"] == p}
+                t = at[(name, lane)]["tokens_per_s"]
+                base, spec = at[("pipeline", "own")]["tokens_per_s"], at[("speculative", "own")]["tokens_per_s"]
+                cells.append(f"{t:8.0f} ({t / base:4.2f}|{t / spec:4.2f})")
+            label = name + (" (head)" if lane == "head" else "")
+            print(f"{label:<17}" + "".join(f"{c:>22}" for c in cells))
+        model = []
+        for r in (r for r in sel if r["strategy"] == "specpipe" and r["draft_lane"] == "own"):
+            h = r["hit_rate"] or 0.0
+            base = next(x["tokens_per_s"] for x in sel if x["p"] == r["p"] and x["strategy"] == "pipeline")
+            model.append(f"p={r['p']}: h={h:.2f} S={n / (1 + (1 - h) * (n - 1)):.2f} measured "
+                         f"{r['tokens_per_s'] / base:.2f} (seeds {', '.join(f'{v / base:.2f}' for v in r['per_seed'])})")
+        print("specpipe against S(h, N): " + "; ".join(model))
 
 
 # ----------------------------------------------------------------------------------------------
+# real processes
 
 
-def print_process(rows) -> None:
-    print("\nProcess runtime, 2 stages (real time; best of the repeats)")
-    print(f"{'model':<16} {'strategy':<20} {'tok/s':>8} {'vs pipeline':>11} {'TTFT ms':>8} {'ITL mean':>9} "
-          f"{'p50':>7} {'p95':>7} {'accept':>7} {'exact':>6}")
-    for model in dict.fromkeys(r["model"] for r in rows):
-        base = next(r["tokens_per_s"] for r in rows if r["model"] == model and r["strategy"] == "pipeline")
-        for r in (r for r in rows if r["model"] == model):
-            acc = r["acceptance"] if r["acceptance"] is not None else r["hit_rate"]
-            print(f"{model:<16} {r['strategy']:<20} {r['tokens_per_s'] or 0:>8.1f} {(r['tokens_per_s'] or 0) / base:>11.2f} "
-                  f"{r['ttft_ms']:>8.1f} {r['itl_mean_ms']:>9.2f} {r['itl_p50_ms']:>7.2f} {r['itl_p95_ms']:>7.2f} "
-                  f"{'' if acc is None else f'{acc:.2f}':>7} {'yes' if r['exact'] else 'NO':>6}")
+def part_process(tokens: int, rounds: int, max_stages: int, pairs: list[tuple]) -> list[dict]:
+    """Every pair, greedy on 1 thread and on every core, every strategy at 1..max_stages stages;
+    rounds interleave all runs."""
+    n_cores = cores()
+    samples: dict[tuple, list[dict]] = {}
+    for round_ in range(rounds):
+        for label, model, draft, prompt in pairs:
+            truth = None
+            plan = [("greedy", 1, ["--threads", "1"]), (f"greedy x{n_cores}", 1, ["--threads", str(n_cores)])]
+            plan += [(name, s, ["--stages", str(s)] + ([] if name == "pipeline" else ["--draft-model", draft]))
+                     for s in range(1, max_stages + 1) for name in STRATEGY_NAMES]
+            for name, stages, extra in plan:
+                strategy = "greedy" if name.startswith("greedy") else name
+                r = generate([prompt, "--model", model, "--strategy", strategy, "--max-new-tokens", str(tokens),
+                              *extra])
+                truth = truth or r["tokens"]
+                m = r["metrics"]
+                spec = m.get("speculation") or {}
+                samples.setdefault((label, name, stages), []).append(
+                    {"tokens_per_s": m["decode_tokens_per_s"], "exact": r["tokens"] == truth,
+                     "acceptance": spec.get("acceptance_rate", spec.get("hit_rate"))})
+            log(f"  process round {round_ + 1}: {label} done")
+    rows = []
+    for (label, name, stages), runs in samples.items():
+        rows.append({"pair": label, "strategy": name, "stages": stages,
+                     "tokens_per_s": statistics.median(x["tokens_per_s"] for x in runs),
+                     "per_round": [x["tokens_per_s"] for x in runs], "exact": all(x["exact"] for x in runs),
+                     "acceptance": runs[-1]["acceptance"]})
+    return rows
 
 
-def print_clock(rows, cost_text: str) -> None:
-    print(f"\nLocal runtime, virtual clock (costs calibrated here: {cost_text}); oracle draft right with probability p")
-    for (n_stages, link) in dict.fromkeys((r["stages"], r["link"]) for r in rows):
-        print(f"\n{n_stages} stages, {link}: tokens/s (ratio to pipeline | to speculative)")
-        ps = list(dict.fromkeys(r["p"] for r in rows))
-        print(f"{'strategy':<12} " + " ".join(f"{'p=' + str(p):>22}" for p in ps))
-        for name in STRATEGY_NAMES:
-            cells = []
-            for p in ps:
-                sel = {r["strategy"]: r for r in rows if r["stages"] == n_stages and r["link"] == link and r["p"] == p}
-                r, base, spec = sel[name], sel["pipeline"]["tokens_per_s"], sel["speculative"]["tokens_per_s"]
-                flag = "" if r["exact"] else "!"
-                cells.append(f"{r['tokens_per_s']:>8.0f} ({r['tokens_per_s'] / base:4.2f}|{r['tokens_per_s'] / spec:4.2f}){flag}")
-            print(f"{name:<12} " + " ".join(f"{c:>22}" for c in cells))
-        sp = [r for r in rows if r["stages"] == n_stages and r["link"] == link and r["strategy"] == "specpipe"]
-        model = []
-        for r in sp:
-            h = r["hit_rate"] or 0.0
-            predicted = n_stages / (1 + (1 - h) * (n_stages - 1))
-            base = next(x["tokens_per_s"] for x in rows if x["stages"] == n_stages and x["link"] == link
-                        and x["p"] == r["p"] and x["strategy"] == "pipeline")
-            model.append(f"p={r['p']}: h={h:.2f}, S(h,N)={predicted:.2f}, measured {r['tokens_per_s'] / base:.2f}")
-        print("specpipe vs the sanity model: " + "; ".join(model))
-    print("\nITL (ms, mean) on the virtual clock, highest p:")
-    for (n_stages, link) in dict.fromkeys((r["stages"], r["link"]) for r in rows):
-        top = max(r["p"] for r in rows)
-        sel = [r for r in rows if r["stages"] == n_stages and r["link"] == link and r["p"] == top]
-        print(f"  {n_stages} stages, {link}: " + ", ".join(f"{r['strategy']} {r['itl_mean_ms']:.2f}" for r in sel))
+def print_process(rows: list[dict]) -> None:
+    n_cores = cores()
+    print(f"\nReal processes on this machine ({n_cores} cores): decode tok/s, median of the rounds "
+          f"(ratio to greedy on every core, x{n_cores} threads | to greedy on one thread)")
+    for label in dict.fromkeys(r["pair"] for r in rows):
+        sel = [r for r in rows if r["pair"] == label]
+        every = next(r["tokens_per_s"] for r in sel if r["strategy"].startswith("greedy x"))
+        one = next(r["tokens_per_s"] for r in sel if r["strategy"] == "greedy")
+        print(f"\n{label}")
+        for r in sel:
+            where = "" if r["strategy"].startswith("greedy") else f" {r['stages']} stage{'s' * (r['stages'] > 1)}"
+            acc = "" if r["acceptance"] is None else f"  accepted {r['acceptance']:.2f}"
+            print(f"  {r['strategy'] + where:<26} {r['tokens_per_s']:8.1f} ({r['tokens_per_s'] / every:4.2f} | "
+                  f"{r['tokens_per_s'] / one:4.2f}){acc}{'' if r['exact'] else '  NOT EXACT'}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="target (default: the shipped model)")
-    parser.add_argument("--draft", help="draft (default: the shipped draft)")
-    parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--part", choices=("process", "clock", "all"), default="all")
+    parser.add_argument("--tokens", type=int, default=128, help="tokens per run (clock part; process: --process-tokens)")
     parser.add_argument("--stages", default="4,8", help="stage counts for the clock part (default 4,8)")
     parser.add_argument("--p", default="0.2,0.4,0.6,0.8,0.95", help="oracle acceptance values (clock part)")
     parser.add_argument("--slow-hop-ms", type=float, default=1.0, help="added per-hop latency of the slow link")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="smaller grid: 24 tokens, p 0.4,0.9, one repeat")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--cost", choices=("fixed", "calibrated"), default="fixed", help="clock part's costs")
+    parser.add_argument("--seeds", type=int, default=3, help="oracle seeds per cell (clock part; mean)")
+    parser.add_argument("--process-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (process part; median)")
+    parser.add_argument("--max-stages", type=int, help="process part: stage counts 1..this (default: the cores)")
+    parser.add_argument("--quick", action="store_true", help="smaller grid: 48 tokens, p 0.6,0.95, 8 stages, 1 seed, 1 round")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = parser.parse_args()
     if args.quick:
-        args.tokens, args.p, args.repeats = 24, "0.4,0.9", 1
-    try:
-        target_dir, draft_dir = resolve_model(args.model), resolve_model(args.draft, default=DEFAULT_DRAFT)
-    except MinipipeError as e:
-        sys.exit(f"bench_strategies: {e}")
+        args.tokens, args.p, args.stages, args.seeds, args.rounds, args.process_tokens = 48, "0.6,0.95", "8", 1, 1, 32
     out = {}
-    if args.part in ("process", "all"):
-        pairs = [(target_dir.name, target_dir, lambda: DraftModel(load_stage(draft_dir)), "Once upon a time")]
-        try:
-            smollm = resolve_model("smollm2-135m")
-            pairs.append(("smollm2-135m", smollm, NgramDraft, "The capital of France is Paris. The capital of"))
-        except MinipipeError:
-            log("SmolLM2 not pulled: skipping it (minipipe pull smollm2-135m)")
-        t = time.time()
-        out["process"] = part_process(pairs, args.tokens, args.repeats)
-        log(f"process part: {time.time() - t:.0f} s")
     if args.part in ("clock", "all"):
         t = time.time()
-        stage_counts = [int(s) for s in args.stages.split(",")]
-        ps = [float(p) for p in args.p.split(",")]
-        out["clock"], out["cost_model"] = part_clock(target_dir, draft_dir, args.tokens, stage_counts, ps,
-                                                     args.slow_hop_ms / 1e3)
+        out["clock"] = part_clock(args.tokens, [int(s) for s in args.stages.split(",")],
+                                  [float(p) for p in args.p.split(",")], args.slow_hop_ms, args.cost, args.seeds)
         log(f"clock part: {time.time() - t:.0f} s")
-    if args.json:
-        print(json.dumps(out, indent=2))
-        return
-    if "process" in out:
+        print_clock(out["clock"], args.cost)
+    if args.part in ("process", "all"):
+        t = time.time()
+        pairs = [("tinybard + tinybard-draft", "tinybard", "tinybard-draft", "ROMEO:")]
+        try:
+            resolve_model("smollm2-135m")
+            pairs += [("SmolLM2-135M + ngram, ordinary text", "smollm2-135m", "ngram", ORDINARY),
+                      ("SmolLM2-135M + ngram, text that repeats", "smollm2-135m", "ngram", REPETITIVE)]
+        except MinipipeError:
+            log("SmolLM2 not pulled: skipping it (minipipe pull smollm2-135m)")
+        out["process"] = part_process(args.process_tokens, args.rounds, args.max_stages or cores(), pairs)
+        log(f"process part: {time.time() - t:.0f} s")
         print_process(out["process"])
-    if "clock" in out:
-        print_clock(out["clock"], out["cost_model"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def add_speculation_flags(parser: argparse.ArgumentParser) -> None:
                            "tokenizer (default: the shipped tinybard-draft), 'ngram' (prompt lookup, no model), "
                            "'self:K' (the target's own first K layers, final norm and head, sharing its weights; "
                            "'self': half the layers), or 'oracle:P' (the target's own tokens, each right with "
-                           "probability P: for tests and benchmarks). Given more than once, the sources are merged "
+                           "probability P: for tests and benchmarks; oracle:P:SEED draws other coins). Given more than once, the sources are merged "
                            "(SpecInfer's merge-based token trees; docs/drafts.md)")
     spec.add_argument("--draft-lane", choices=("own", "head"), default="own",
                       help="local runtime: where the draft runs. own (default): on a lane of its own, so decoders "

@@ -523,7 +523,8 @@ def build_draft(spec: str | None, target_dir, config, stages: Sequence[StageMode
     """A draft source from its command-line spelling (`--draft-model`):
 
     a checkpoint directory or model name (default: the shipped `tinybard-draft`), `ngram`,
-    `oracle:P` (needs `truth_of(prompt, sampling)`: the target's own continuation), `self:K`
+    `oracle:P` or `oracle:P:SEED` (needs `truth_of(prompt, sampling)`: the target's own
+    continuation; SEED: its coins, default 0), `self:K`
     (the target's first K layers: shares `stages`' arrays when given, else loads those layers),
     or several of them joined by `+` (a `MergedDraft`)."""
     from .model import load_stage
@@ -535,13 +536,16 @@ def build_draft(spec: str | None, target_dir, config, stages: Sequence[StageMode
     if spec == "ngram":
         return NgramDraft()
     if spec is not None and (spec == "oracle" or spec.startswith("oracle:")):
+        fields = spec.split(":")[1:]  # oracle:P, or oracle:P:SEED (the seed of its coins)
         try:
-            p = float(spec.split(":", 1)[1]) if ":" in spec else 0.8
+            p = float(fields[0]) if fields else 0.8
+            seed = int(fields[1]) if len(fields) == 2 else 0
         except ValueError:
             p = math.nan
-        if not 0.0 <= p <= 1.0:  # NaN fails too
-            raise InputError(f"oracle drafts are spelled oracle:P with P a probability between 0 and 1, got {spec!r}")
-        return OracleDraft(truth_of, p, config.vocab_size)
+        if not 0.0 <= p <= 1.0 or len(fields) > 2:  # NaN fails too
+            raise InputError(f"oracle drafts are spelled oracle:P with P a probability between 0 and 1 "
+                             f"(or oracle:P:SEED), got {spec!r}")
+        return OracleDraft(truth_of, p, config.vocab_size, seed=seed)
     if spec is not None and (spec == "self" or spec.startswith("self:")):
         k = parse_self(spec, config.n_layers)
         if stages is None:  # no target in this process: load the first k layers, the norm and the head

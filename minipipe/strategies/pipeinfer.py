@@ -183,11 +183,12 @@ class PipeInferDecoder(Decoder):
                 return run
         return None
 
-    def next_run(self) -> "RunPlan | None":
-        """What the next speculative run would be, if one may go now: where it starts, the chain
-        of in-flight tokens it continues, and its drafting cutoff."""
+    def next_run(self, now: bool = True) -> "RunPlan | None":
+        """What the next speculative run would be, if one may go (`now`: also within the cap on
+        runs in flight): where it starts, the chain of in-flight tokens it continues, and its
+        drafting cutoff."""
         s: PipeInferStrategy = self.strategy
-        if self.done or self.declined or len(self.inflight) >= s.max_inflight:
+        if self.done or self.declined or now and len(self.inflight) >= s.max_inflight:
             return None
         adjust = self.burst * s.p_recovery - self.n_rejected * s.p_decay
         if s.p_accept + adjust >= 1.0:
@@ -232,9 +233,15 @@ class PipeInferDecoder(Decoder):
         return True
 
     def draft_next(self) -> None:
-        """Draft the run after the newest one now, on the draft's lane, while the pipeline works:
-        when the head offers it, its drafting is done (or under way)."""
-        plan = self.next_run()
+        """Draft the run after the newest one now, on the draft's lane, while the head waits for
+        the pipeline: when the head offers it, its drafting is done (or under way). Only when the
+        runs in flight are at their cap, so the head must wait for an answer anyway: otherwise it
+        offers the run at once and drafts it then. (Drafting ahead also while an answer waits to
+        be verified cost 7% on the virtual clock: that answer often overturns the plan, and the
+        lane stays busy with a run nobody will launch; docs/drafts.md.)"""
+        if len(self.inflight) < self.strategy.max_inflight:
+            return
+        plan = self.next_run(now=False)
         if plan is not None:
             self.draft.ahead(draft_run, *plan.drafting(self.committed), self.strategy.branches)
 
