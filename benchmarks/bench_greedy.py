@@ -4,6 +4,8 @@ measured side by side in one run, in interleaved rounds.
     python benchmarks/bench_greedy.py --model smollm2-135m --tokens 128 [--rounds 5] [--json]
     python benchmarks/bench_greedy.py                          # the shipped tinybard
     python benchmarks/bench_greedy.py --random-smollm          # SmolLM2-135M-sized random weights
+    python benchmarks/bench_greedy.py --model smollm2-135m --baseline /tmp/old --no-transformers
+                                     # against another checkout (git worktree add /tmp/old COMMIT)
 
 Every round runs, one after the other, in an order that rotates from round to round (after one
 warm-up run of each):
@@ -17,6 +19,9 @@ warm-up run of each):
   rate from its metrics: (N - 1) / (total time - time to first token), prefill excluded. On one
   thread (the default), and with `--threads` GEMV threads (`kernels.set_gemv_threads`, what
   `minipipe generate --threads` uses; default: every CPU) when the machine has more than one.
+* **minipipe @ DIR** (with `--baseline DIR`: another minipipe checkout, e.g. a `git worktree` of
+  an older commit) — the same greedy decode with that checkout's code, in a child process that
+  imports it, on one thread: a kernel change measured side by side with the code before it.
 * **transformers** (when torch and transformers import): `LlamaForCausalLM` on the same
   checkpoint in float32, eager attention, greedy `generate` with eos disabled, timed for N new
   tokens and for 1 new token in the same round; decode rate = (N - 1) / (t_N - t_1), so prefill
@@ -108,6 +113,49 @@ class Minipipe:
             kernels.set_gemv_threads(1)
         self.tokens = gen.tokens
         return gen.metrics.to_dict()["decode_tokens_per_s"]
+
+
+BASELINE_WORKER = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from minipipe.greedy import generate_greedy
+from minipipe.model import load_stage
+model = load_stage(sys.argv[2])
+prompt, n_tokens = json.loads(sys.argv[3]), int(sys.argv[4])
+print(json.dumps({"ready": True}), flush=True)
+for _ in sys.stdin:
+    gen = generate_greedy(model, prompt, n_tokens)
+    print(json.dumps({"rate": gen.metrics.to_dict()["decode_tokens_per_s"], "tokens": gen.tokens}), flush=True)
+"""
+
+
+class Baseline:
+    """minipipe's greedy decode from another checkout, in a child process that imports that
+    checkout (one BLAS thread, as minipipe pins it): one run per `run()`."""
+
+    threads = 1
+
+    def __init__(self, checkout: Path, model_dir: Path, prompt: list[int], n_tokens: int):
+        import subprocess
+
+        self.name = f"minipipe @ {checkout}"
+        self.tokens = None
+        self.proc = subprocess.Popen([sys.executable, "-c", BASELINE_WORKER, str(checkout), str(model_dir),
+                                      json.dumps(prompt), str(n_tokens)], cwd=checkout, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        if not json.loads(self.proc.stdout.readline() or "{}").get("ready"):
+            raise SystemExit(f"the baseline checkout {checkout} did not start (see its error above)")
+
+    def run(self) -> float:
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        answer = json.loads(self.proc.stdout.readline())
+        self.tokens = answer["tokens"]
+        return answer["rate"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
 
 
 class Transformers:
@@ -231,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="GEMV threads of the second minipipe row (and of transformers' second row); "
                         "default: every CPU; 1: no second row")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
+    p.add_argument("--baseline", metavar="DIR", type=Path,
+                   help="another minipipe checkout (e.g. a git worktree of an older commit) whose greedy decode "
+                        "runs in the same rounds, on one thread, in a child process")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
     if args.tokens < 2:
@@ -266,6 +317,11 @@ def main(argv: list[str] | None = None) -> int:
         model = load_stage(model_dir, progress=True)
         thread_counts = [1] + ([args.threads] if args.threads > 1 else [])
         rows = [Minipipe(model, prompt, args.tokens, t) for t in thread_counts]
+        if args.baseline is not None:
+            print(f"loading minipipe @ {args.baseline} ...", file=sys.stderr)
+            baseline = Baseline(args.baseline.resolve(), model_dir, prompt, args.tokens)
+            stack.callback(baseline.close)
+            rows.append(baseline)
         version = None
         if skipped is None:
             print("loading transformers ...", file=sys.stderr)

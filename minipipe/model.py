@@ -112,7 +112,8 @@ class StageModel:
         return self.logits(state.x[state.batch.want_logits])
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        """Final norm and LM head, one GEMV per row.  [T, D] -> [T, V]"""
+        """Final norm and LM head, one GEMV per row (several rows: the row-batched GEMV, so the
+        head's weight comes from memory about once for all of them).  [T, D] -> [T, V]"""
         T, D = x.shape
         h = kernels.rms_norm(x, self.weights.final_norm, self.config.norm_eps,
                              out=kernels.scratch().rows("final norm", T, D))  # [T, D], row slots
@@ -149,9 +150,10 @@ class StageModel:
                       visible: list, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         """One layer for decode rows: the arithmetic of the prefill path (the same float32
         operations in the same order, so the same bits for the same inputs) with one GEMV per
-        row (`kernels.gemv_rows`), fewer NumPy calls (`rms_norm_rows`, `apply_rope_tables`) and
-        every intermediate in reused canonical row slots (`kernels.scratch`); only the returned
-        hidden states are a fresh array."""
+        row (`kernels.gemv_rows`: several rows walk each weight together in column tiles), fewer
+        NumPy calls (`rms_norm_rows` for one row, `apply_rope_tables`) and every intermediate in
+        reused canonical row slots (`kernels.scratch`); only the returned hidden states are a
+        fresh array."""
         c = self.config
         T, D = x.shape
         H, KVH, G, HD = c.n_heads, c.n_kv_heads, c.n_groups, c.head_dim
@@ -159,9 +161,10 @@ class StageModel:
         ws = kernels.scratch()
         h, qkv, qk, tmp, attn, o = (ws.rows("norm", T, D), ws.rows("qkv", T, QK + KVH * HD), ws.rows("qk", T, QK),
                                     ws.rows("rope", T, QK), ws.rows("attention", T, H * HD), ws.rows("o", T, D))
+        norm = kernels.rms_norm_rows if T == 1 else kernels.rms_norm  # the same bits; per row is faster for one
 
         # attention block
-        kernels.rms_norm_rows(x, lw.attn_norm, c.norm_eps, out=h)  # [T, D]
+        norm(x, lw.attn_norm, c.norm_eps, out=h)  # [T, D]
         kernels.gemv_rows(h, lw.wqkv, qkv, lw.bqkv)  # [T, D] @ [D, (H + 2·KVH)·HD] -> [T, (H + 2·KVH)·HD]
         qk = qk.reshape(T, H + KVH, HD)  # [T, H + KVH, HD]: q and k rotated together, each row's q starts a slot
         kernels.apply_rope_tables(qkv[:, :QK].reshape(T, H + KVH, HD), *ws.rope(cos, sin), out=qk,
@@ -175,7 +178,7 @@ class StageModel:
 
         # MLP block
         gate_up, act, down = ws.rows("gate_up", T, 2 * F), ws.rows("act", T, F), o
-        kernels.rms_norm_rows(x, lw.mlp_norm, c.norm_eps, out=h)  # [T, D]
+        norm(x, lw.mlp_norm, c.norm_eps, out=h)  # [T, D]
         kernels.gemv_rows(h, lw.w_gate_up, gate_up, lw.b_gate_up)  # [T, D] @ [D, 2F] -> [T, 2F]
         kernels.swiglu(gate_up, out=act)  # [T, F]
         return x + kernels.gemv_rows(act, lw.w_down, down, lw.b_down)  # [T, F] @ [F, D] -> [T, D]
