@@ -8,7 +8,9 @@ single-row GEMV, and M changes which), so the kernels follow one policy, `row-ge
 
 * **Decode rows** (greedy steps, speculative and tree rows): every linear layer is one
   vector-matrix product per row (`x[i] @ W`, W stored [IN, OUT]); a row's result depends on
-  that row alone.
+  that row alone. Several rows walk W together in column tiles (`gemv_tiles`), each row's
+  GEMV over a tile before the next tile, so W comes from memory about once for all of them;
+  a tile is a column range at multiples of 16, where a column keeps its bits.
 * **Attention** for one query gathers exactly its visible keys (ascending position) and reduces
   over them with the same calls whatever the batch; no -inf mask over a superset of keys.
 * **Norms, RoPE, SwiGLU, softmax** are elementwise or reduce along the last axis of C-contiguous
@@ -31,8 +33,10 @@ cache's cells or the cache's history:
                   weight row contiguous, 64-byte aligned, its padding up to a multiple of 16
                   columns zero; built at load time (a copy, not a view of the file)
     GEMV width    every decode GEMV runs on the padded width, a multiple of 16 columns (the
-                  padding's outputs are dropped); threads split it only at multiples of 16
-                  columns (`column_chunks`), where a column's bits do not change
+                  padding's outputs are dropped); threads and the tiles of a row-batched GEMV
+                  split it only at multiples of 16 columns (`column_chunks`, `gemv_tiles`),
+                  where a column's bits do not change; a GEMV with IN <= 48 wider than 16384
+                  columns is never split (`splittable`)
     attention     q [KVH, G, HD], the gathered keys and values [KVH, N, HD], the scores
                   and the probabilities [KVH, G, N]: C-contiguous, 64-byte aligned,
                   freshly gathered (`canonical`, `KVCache.gather`), never views of the cache
