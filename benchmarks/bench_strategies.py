@@ -9,8 +9,10 @@ count) — no hand-picked flags.
 
 Part **clock** (local runtime, virtual clock): the shipped tinybard target, 4 and 8 stages, an
 oracle draft whose first guess is right with probability p (0.2 .. 0.95), on the nominal link of
-the cost model (fixed costs; with `--cost calibrated`, the ring latency measured here) and on a
-slow link (+1 ms per hop). Each cell is the mean over `--seeds` oracle seeds of decode tokens/s;
+the cost model (fixed costs, as `minipipe generate --runtime local` charges by default; with
+`--cost calibrated`, costs and the ring latency measured here once, for every cell) and on a
+slow link (+1 ms per hop). The strategies are built as the command line builds them
+(`default_settings`). Each cell is the mean over `--seeds` oracle seeds of decode tokens/s;
 ratios to `pipeline` and to `speculative`. PipeInfer and SpecPipe run twice: with the draft on a
 lane of its own (the default: decoders draft ahead while the head waits) and with the draft in
 the head (`--draft-lane head`), side by side. For SpecPipe the measured hit rate h is printed
@@ -22,7 +24,7 @@ round interleaving every run so that load drifts hit them alike; medians over `-
 tinybard with its draft, and SmolLM2-135M (if pulled) with prompt lookup on ordinary text and on
 text that repeats. Tokens/s and the ratio to greedy with every core.
 
-Every run goes through `minipipe generate --json` in this process, and its tokens are checked
+The process part runs `minipipe generate --json` in this process; every run's tokens are checked
 against greedy decoding ("exact").
 """
 
@@ -75,44 +77,80 @@ def cores() -> int:
 # the virtual clock
 
 
-def part_clock(tokens: int, stage_counts: list[int], ps: list[float], slow_ms: float, cost: str,
-               seeds: int) -> list[dict]:
+def clock_strategy(name: str, draft, n_stages: int):
+    """`name` with the command line's defaults for `n_stages` stages (`default_settings`: what
+    `minipipe generate` builds without flags)."""
+    from minipipe.strategies import STRATEGIES, default_settings
+
+    cls = STRATEGIES[name]
+    return cls() if name == "pipeline" else cls(draft, **default_settings(name, n_stages))
+
+
+def part_clock(tokens: int, stage_counts: list[int], ps: list[float], slow_ms: float, cost_kind: str,
+               seeds: int) -> tuple[list[dict], str]:
+    """Every cell on the virtual clock with one cost model: fixed (what `minipipe generate
+    --runtime local` charges by default, the same everywhere) or calibrated here once (the
+    command line would calibrate anew for every run)."""
+    from minipipe.config import load_config
+    from minipipe.draft import OracleDraft
+    from minipipe.greedy import generate_greedy
+    from minipipe.model import load_stage
+    from minipipe.runtime import LocalPipeline, load_stage_models, split_layers
+    from minipipe.runtime.cost import calibrate, fixed
+    from minipipe.strategies import generate as run
+    from minipipe.tokenizer import Tokenizer
+
+    target_dir = resolve_model(None)
+    config = load_config(target_dir)
+    prompt = Tokenizer(target_dir, config.eos_ids).encode("ROMEO:")
+    target = load_stage(target_dir)
+    truth = generate_greedy(target, prompt, tokens).tokens
+    if cost_kind == "fixed":
+        cost = fixed(config)
+    else:
+        import numpy as np
+        from bench_ring import ring_latency  # (same folder)
+
+        from dataclasses import replace
+
+        cost = calibrate(target, None, hop_latency=ring_latency(np.zeros(16 + config.dim, np.float32), 600))
+        L = config.n_layers  # the oracle draft, priced as `fixed` prices it: a model a tenth of the target's cost
+        cost = replace(cost, draft_fixed=0.1 * (cost.layer_fixed * L + cost.head_fixed),
+                       draft_per_token=0.1 * (cost.layer_per_row * L + cost.head_per_row))
     rows = []
-    base_argv = ["ROMEO:", "--runtime", "local", "--cost", cost, "--max-new-tokens", str(tokens)]
-    truth = generate(["ROMEO:", "--max-new-tokens", str(tokens)])["tokens"]
     for n in stage_counts:
+        models = load_stage_models(target_dir, split_layers(config.n_layers, n))
         for link in (0.0, slow_ms):
-            link_argv = ["--slow-link-ms", str(link)] if link else []
-            pipeline = generate([*base_argv, "--strategy", "pipeline", "--stages", str(n), *link_argv])
-            assert pipeline["tokens"] == truth
+            link_cost = cost.with_hop_latency(link / 1e3)
+
+            def measure(name, p, seed, lane):
+                strategy = clock_strategy(name, OracleDraft(truth + [0] * 64, p, config.vocab_size, seed=seed), n)
+                pipe = LocalPipeline(models, n_seqs=strategy.n_seqs, cost=link_cost, draft_lane=lane)
+                r = run(strategy, pipe, prompt, tokens, (), config.max_positions)
+                assert r.tokens == truth, (name, n, p, lane)  # greedy's tokens, every run
+                return r.metrics.to_dict()
+
+            pipeline = measure("pipeline", 0.0, 0, True)
             for p in ps:
-                runs = [("pipeline", "own", pipeline)]
-                for name in STRATEGY_NAMES[1:]:
+                for name in STRATEGY_NAMES:
                     for lane in ("own", "head") if name in LANE_STRATEGIES else ("own",):
-                        results = []
-                        for seed in range(seeds):  # the oracle's coins: oracle:P:SEED
-                            r = generate([*base_argv, "--strategy", name, "--stages", str(n), *link_argv,
-                                          "--draft-model", f"oracle:{p}:{seed}", "--draft-lane", lane])
-                            assert r["tokens"] == truth, (name, n, p, lane)  # greedy's tokens, every run
-                            results.append(r)
-                        runs.append((name, lane, results))
-                for name, lane, rs in runs:
-                    rs = rs if isinstance(rs, list) else [rs]
-                    spec = [r["metrics"].get("speculation") or {} for r in rs]
-                    rows.append({"stages": n, "slow_link_ms": link, "p": p, "strategy": name, "draft_lane": lane,
-                                 "tokens_per_s": statistics.mean(r["metrics"]["decode_tokens_per_s"] for r in rs),
-                                 "per_seed": [r["metrics"]["decode_tokens_per_s"] for r in rs],
-                                 "hit_rate": statistics.mean(s["hit_rate"] for s in spec) if spec[0].get("hit_rate")
-                                 is not None else None,
-                                 "itl_mean_ms": 1e3 * statistics.mean(r["metrics"]["inter_token_latency_s"]["mean"]
-                                                                      for r in rs)})
+                        ms = [pipeline] if name == "pipeline" else [measure(name, p, seed, lane == "own")
+                                                                    for seed in range(seeds)]
+                        spec = [m.get("speculation") or {} for m in ms]
+                        rows.append({"stages": n, "slow_link_ms": link, "p": p, "strategy": name, "draft_lane": lane,
+                                     "tokens_per_s": statistics.mean(m["decode_tokens_per_s"] for m in ms),
+                                     "per_seed": [m["decode_tokens_per_s"] for m in ms],
+                                     "hit_rate": statistics.mean(x["hit_rate"] for x in spec)
+                                     if spec[0].get("hit_rate") is not None else None,
+                                     "itl_mean_ms": 1e3 * statistics.mean(m["inter_token_latency_s"]["mean"]
+                                                                          for m in ms)})
             log(f"  clock {n} stages, +{link} ms/hop done")
-    return rows
+    return rows, cost.describe()
 
 
-def print_clock(rows: list[dict], cost: str) -> None:
-    print(f"\nVirtual clock ({cost} costs), tinybard, oracle draft right with probability p: decode tok/s "
-          "(ratio to pipeline | to speculative); 'head': the draft in the head (--draft-lane head)")
+def print_clock(rows: list[dict], cost: str, described: str) -> None:
+    print(f"\nVirtual clock ({cost} costs: {described}), tinybard, oracle draft right with probability p: "
+          "decode tok/s (ratio to pipeline | to speculative); 'head': the draft in the head (--draft-lane head)")
     for n, link in dict.fromkeys((r["stages"], r["slow_link_ms"]) for r in rows):
         sel = [r for r in rows if r["stages"] == n and r["slow_link_ms"] == link]
         ps = list(dict.fromkeys(r["p"] for r in sel))
@@ -207,10 +245,11 @@ def main() -> None:
     out = {}
     if args.part in ("clock", "all"):
         t = time.time()
-        out["clock"] = part_clock(args.tokens, [int(s) for s in args.stages.split(",")],
-                                  [float(p) for p in args.p.split(",")], args.slow_hop_ms, args.cost, args.seeds)
+        out["clock"], out["cost_model"] = part_clock(args.tokens, [int(s) for s in args.stages.split(",")],
+                                                     [float(p) for p in args.p.split(",")], args.slow_hop_ms,
+                                                     args.cost, args.seeds)
         log(f"clock part: {time.time() - t:.0f} s")
-        print_clock(out["clock"], args.cost)
+        print_clock(out["clock"], args.cost, out["cost_model"])
     if args.part in ("process", "all"):
         t = time.time()
         pairs = [("tinybard + tinybard-draft", "tinybard", "tinybard-draft", "ROMEO:")]

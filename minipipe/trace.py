@@ -275,10 +275,13 @@ class TracedPipeline:
 class TracedDraft:
     """A draft source whose work is recorded as `draft` slices on the head's track (real time;
     for the process runtime, where no virtual clock charges drafting). Every draft call goes
-    through `top`; consecutive calls merge into one slice. Forks are traced too."""
+    through `top` or `top_many`, and the engine's batched drafting through the source's `pool`; consecutive
+    calls merge into one slice. Forks are traced too, and share one traced pool (so the engine
+    still batches their requests together)."""
 
-    def __init__(self, inner, tracer: Tracer, now=time.monotonic):
+    def __init__(self, inner, tracer: Tracer, now=time.monotonic, pools: dict | None = None):
         self.inner, self.tracer, self.now = inner, tracer, now
+        self.pools = {} if pools is None else pools  # id(inner pool) -> its TracedPool
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -287,15 +290,25 @@ class TracedDraft:
     def tokens_computed(self) -> int:
         return self.inner.tokens_computed
 
+    @property
+    def pool(self):
+        inner = getattr(self.inner, "pool", None)
+        if inner is None:
+            return None
+        if id(inner) not in self.pools:
+            self.pools[id(inner)] = TracedPool(inner, self)
+        return self.pools[id(inner)]
+
     def fork(self, *args, **kwargs):
-        return TracedDraft(self.inner.fork(*args, **kwargs), self.tracer, self.now)
+        return TracedDraft(self.inner.fork(*args, **kwargs), self.tracer, self.now, self.pools)
 
     def reset(self, *args, **kwargs) -> None:
         self.inner.reset(*args, **kwargs)
 
-    def top(self, *args, **kwargs):
+    def timed(self, work, *args, **kwargs):
+        """`work(*args, **kwargs)`, recorded as drafting."""
         start = self.now()
-        out = self.inner.top(*args, **kwargs)
+        out = work(*args, **kwargs)
         end = self.now()
         last = self.tracer.events[-1] if self.tracer.events else None
         if last is not None and last.track == "head" and last.kind == "draft" and start - last.end < 50e-6:
@@ -304,6 +317,27 @@ class TracedDraft:
             self.tracer.record("head", "draft", start, end, "draft")
         return out
 
+    def top(self, *args, **kwargs):
+        return self.timed(self.inner.top, *args, **kwargs)
+
+    def top_many(self, *args, **kwargs):
+        return self.timed(self.inner.top_many, *args, **kwargs)
+
     def propose_chain(self, *args, **kwargs):
         # the source's own method, run on this wrapper so that its calls to `top` are timed
         return type(self.inner).propose_chain(self, *args, **kwargs)
+
+
+class TracedPool:
+    """A draft pool whose batched forwards (`prefetch`, one for many requests) are recorded as
+    drafting, like `TracedDraft.top`."""
+
+    def __init__(self, inner, traced: TracedDraft):
+        self.inner, self.traced = inner, traced
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def prefetch(self, queries):
+        return self.traced.timed(self.inner.prefetch, queries)
+
