@@ -18,8 +18,10 @@ Columns per strategy and c:
   mean is the decode time per token; the median would be 0 for good drafts).
 
 Every request's tokens are checked against its greedy decoding alone ("exact"). On the process
-runtime times are wall-clock; on the local runtime they are virtual (costs calibrated here once,
-then fixed for every run). `pipeline` is continuous batching in the vLLM style (the running
+runtime times are wall-clock; on the local runtime they are virtual (`--cost fixed`, the
+default: the command line's fixed cost model, the same on every machine; `--cost calibrated`:
+measured here once, then fixed for every run). Every strategy has the command line's default
+settings for the stage count (`minipipe.strategies.default_settings`). `pipeline` is continuous batching in the vLLM style (the running
 requests split into one micro-batch per stage); `specpipe` with several requests is SpecPipe-DB.
 """
 
@@ -42,9 +44,9 @@ from minipipe.model import load_stage  # noqa: E402
 from minipipe.paths import DEFAULT_DRAFT, resolve_model  # noqa: E402
 from minipipe.request import Request  # noqa: E402
 from minipipe.runtime import LocalPipeline, load_stage_models, open_pipeline, split_layers  # noqa: E402
-from minipipe.runtime.cost import calibrate  # noqa: E402
+from minipipe.runtime.cost import calibrate, fixed  # noqa: E402
 from minipipe.strategies import (PipeInferStrategy, PipelineStrategy, SpecPipeStrategy,  # noqa: E402
-                                 SpeculativeStrategy, largest_run)
+                                 SpeculativeStrategy, default_settings, largest_run)
 from minipipe.tokenizer import Tokenizer  # noqa: E402
 
 PROMPTS = ["ROMEO:\n", "JULIET:\n", "HAMLET:\n", "KING RICHARD III:\n", "First Citizen:\n", "MENENIUS:\n",
@@ -54,13 +56,10 @@ STRATEGIES = ("pipeline", "speculative", "pipeinfer", "specpipe")
 
 
 def make_strategy(name: str, draft, n_stages: int):
-    if name == "pipeline":
-        return PipelineStrategy()
-    if name == "speculative":
-        return SpeculativeStrategy(draft, k=4)
-    if name == "pipeinfer":
-        return PipeInferStrategy(draft, p_accept=0.3, n_draft=4, max_inflight=2 * n_stages + 2)
-    return SpecPipeStrategy(draft, width=2)
+    """`name` with the command line's defaults for `n_stages` stages (`default_settings`)."""
+    cls = {"pipeline": PipelineStrategy, "speculative": SpeculativeStrategy, "pipeinfer": PipeInferStrategy,
+           "specpipe": SpecPipeStrategy}[name]
+    return cls() if name == "pipeline" else cls(draft, **default_settings(name, n_stages))
 
 
 def serve(pipe, strategy, prompts: list[list[int]], n_tokens: int, max_positions: int) -> list[Request]:
@@ -76,6 +75,8 @@ def main() -> None:
     parser.add_argument("--draft", help="draft: a model, 'ngram', or 'oracle:P' (default: the shipped draft)")
     parser.add_argument("--runtime", choices=("process", "local"), default="process")
     parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--cost", choices=("fixed", "calibrated"), default="fixed",
+                        help="the local runtime's costs: fixed (the command line's default) or calibrated here once")
     parser.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated request counts")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--tokens", type=int, default=32, help="tokens per request (eos ignored)")
@@ -103,9 +104,13 @@ def main() -> None:
         draft_model = load_stage(resolve_model(args.draft, default=DEFAULT_DRAFT))
         draft = DraftModel(draft_model, target_vocab=config.vocab_size)
     cost = None
-    if args.runtime == "local":
+    if args.runtime == "local" and args.cost == "calibrated":
         cost = calibrate(target, getattr(draft, "model", None), repeats=3)
         print(f"virtual clock (calibrated once, then fixed): {cost.describe()}", file=sys.stderr)
+    elif args.runtime == "local":
+        draft_model = getattr(draft, "model", None)
+        cost = fixed(config, None if draft_model is None else draft_model.config)
+        print(f"virtual clock (fixed costs, as `minipipe generate --runtime local`): {cost.describe()}", file=sys.stderr)
 
     figures: dict = {}  # (strategy, c) -> list of summaries
     for _ in progress(range(args.rounds), "rounds"):
