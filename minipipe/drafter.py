@@ -114,6 +114,7 @@ class Drafter(DraftSource):
         self.asked = 0  # questions the decoder asked
         self._ready_ahead = 0  # ... answered by drafting ahead of need
         self._ahead = False  # inside `ahead`: compute and remember, do not wait, do not calibrate
+        self.closed = False  # released: questions still queued for a batched forward are dropped
 
     @property
     def rows(self) -> int:
@@ -205,6 +206,37 @@ class Drafter(DraftSource):
             finally:
                 self._ahead = False
 
+    def ahead_questions(self, contexts: Sequence[Sequence[int]], k: int) -> None:
+        """`top_many(contexts, k)` ahead of need (SpecPipe's next layer under the nodes just sent).
+
+        Where the engine batches drafting (`Head.ahead_batch`, a list) and the source is a fork of
+        a draft model's shared pool on the draft's lane, the questions join that list, and the
+        engine computes every request's in one forward (`answer_ahead`): a step of SpecPipe-DB
+        then costs the lane one pass over the draft's weights, not one per request. Otherwise
+        they run as a job now (`ahead`)."""
+        batch = getattr(self.head, "ahead_batch", None)
+        if (batch is not None and not self.parts and self.pool is not None and getattr(self.head, "draft_ahead", False)
+                and not hasattr(self.source, "submit_ahead")):
+            batch.append((self, [[int(t) for t in c] for c in contexts], k))
+        else:
+            self.ahead(top_many_job, contexts, k)
+
+    def answer_ahead(self, contexts: Sequence[Sequence[int]], k: int, ready: float) -> None:
+        """Remember the answers to questions whose rows the engine computed ahead on the pool (a
+        batched forward finishing on the lane at `ready`); anything the batch left out (a long
+        new suffix) is computed and charged here."""
+        keys = [(tuple(c), k) for c in contexts]
+        missing = [i for i, key in enumerate(keys) if key not in self.memo]
+        if not missing:
+            return
+        rows0, forwards0 = self.source.tokens_computed, self.source.forwards_computed
+        answers = self.source.top_many([contexts[i] for i in missing], k)  # from the pool's memory
+        if self.source.tokens_computed > rows0:
+            ready = max(ready, self.charge(self.source.tokens_computed - rows0,
+                                           self.source.forwards_computed - forwards0, wait=False))
+        for i, guesses in zip(missing, answers):
+            self.memo[keys[i]] = (guesses, ready, True)
+
     # ------------------------------------------------------------------------------------------
     # the request's progress
 
@@ -219,7 +251,7 @@ class Drafter(DraftSource):
             self.memo = {key: v for key, v in self.memo.items() if len(key[0]) >= n}
 
     def release(self) -> None:
-        self.memo = {}
+        self.memo, self.closed = {}, True
         self.source.release()  # (a merged source releases every part's)
 
     @property

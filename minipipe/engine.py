@@ -88,7 +88,7 @@ class Engine:
             self.bus.subscribe(self._trace)
         self.head = Head(n_stages=pipe.n_stages, new_id=pipe.new_run_id, now=pipe.now, answer_waiting=pipe.poll,
                          draft_work=pipe.draft_work, emit=self.bus.emit, draft_wait=pipe.draft_wait,
-                         draft_ahead=pipe.has_draft_lane)
+                         draft_ahead=pipe.has_draft_lane, ahead_batch=[])
         self.t0 = pipe.now()  # arrival times count from here
         self.waiting: deque[Request] = deque()  # in arrival order
         self.running: list[Decoder] = []  # in admission order
@@ -235,6 +235,14 @@ class Engine:
                 self.queue[decoder].append(action)
 
     def _launch(self) -> None:
+        """Send what the decoders have queued and optional work (`_launch_parts`); then draft
+        ahead of need for every request at once (`_draft_ahead_together`)."""
+        try:
+            self._launch_parts()
+        finally:
+            self._draft_ahead_together()
+
+    def _launch_parts(self) -> None:
         """Send what the decoders have queued, and optional work while the pipeline has room.
 
         Each micro-batch takes at most one part per request: the part it has queued, or else
@@ -272,6 +280,7 @@ class Engine:
         for every request in one forward per draft pool (one pass over the draft's weights), so
         drafting for many requests costs little more than for one."""
         by_pool: dict[int, tuple] = {}
+        self._draft_ahead_together()  # (questions asked ahead first: one forward may answer both)
         for decoder in decoders:
             pool = None if decoder.draft is None else decoder.draft.pool
             needs = decoder.draft_needs() if pool is not None else []
@@ -282,6 +291,26 @@ class Engine:
             rows = pool.prefetch(queries)
             if rows:
                 self.pipe.draft_work(rows, 1)
+
+    def _draft_ahead_together(self) -> None:
+        """Answer the questions decoders asked ahead of need (`Head.ahead_batch`: SpecPipe-DB's
+        next layer under every request's newest nodes) in one forward per draft pool, on the
+        draft's lane, and hand each its answers with the time they are ready."""
+        if not self.head.ahead_batch:
+            return
+        jobs = [job for job in self.head.ahead_batch if not job[0].closed]
+        self.head.ahead_batch.clear()
+        by_pool: dict[int, tuple] = {}
+        for drafter, contexts, k in jobs:
+            fork = getattr(drafter.source, "inner", drafter.source)  # (a traced draft's own)
+            entry = by_pool.setdefault(id(drafter.pool), (drafter.pool, [], []))
+            entry[1].extend((fork, c) for c in contexts)
+            entry[2].append((drafter, contexts, k))
+        for pool, queries, asked in by_pool.values():
+            rows = pool.prefetch(queries)
+            ready = self.pipe.draft_work(rows, 1, wait=False) if rows else self.pipe.now()
+            for drafter, contexts, k in asked:
+                drafter.answer_ahead(contexts, k, ready)
 
     def _send_edits(self, decoder: Decoder | None = None) -> None:
         """Send the KV edits queued ahead of each decoder's next part (or of one decoder's)."""

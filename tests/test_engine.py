@@ -121,6 +121,36 @@ def test_rows_of_several_requests_share_micro_batches():
         assert shared >= 5, (name, rows)  # micro-batches carrying rows of two or more requests
 
 
+def test_specpipe_db_drafts_every_requests_next_layer_in_one_forward():
+    """SpecPipe-DB on the draft's lane: the next layer under every request's newest nodes is
+    drafted in one batched forward (`Head.ahead_batch`), not one forward per request. Same
+    tokens either way; counted against the per-request path on the same requests."""
+    from minipipe.trace import Tracer
+
+    prompts = [[1, 2], [3, 4, 5], [6], [7, 8, 9, 10]]
+    from minipipe.events import Drafted
+
+    lane_forwards, ahead = {}, {}
+    for batched in (True, False):
+        strategy = make_strategy("specpipe", DraftModel(PAIR.draft_model(0)))
+        tracer = Tracer()
+        pipe = LocalPipeline(PAIR.stage_models(0, 2), n_seqs=Engine.n_seqs(strategy, 4), tracer=tracer)
+        drafted = []
+        engine = Engine(pipe, strategy, max_running=4, max_positions=64,
+                        listeners=[lambda e: drafted.append(e) if isinstance(e, Drafted) else None])
+        if not batched:
+            engine.head.ahead_batch = None  # each request's questions answered on their own
+        requests = [engine.add(Request(i, p, 12)) for i, p in enumerate(prompts)]
+        engine.run()
+        for r in requests:
+            assert r.result().tokens == oracle(0, r.prompt, 12)
+        assert not held_resources(pipe)
+        lane_forwards[batched] = sum(1 for e in tracer.events if e.track == "draft")
+        ahead[batched] = sum(e.ahead for e in drafted)  # questions whose answers were drafted ahead
+    assert lane_forwards[True] <= 0.5 * lane_forwards[False], lane_forwards
+    assert ahead[True] >= 0.8 * ahead[False] > 0, ahead  # ... and the answers are still there ahead of need
+
+
 def test_a_request_that_can_never_fit_is_refused():
     strategy = make_strategy("pipeline", None)
     pipe = LocalPipeline(PAIR.stage_models(0, 1), n_seqs=Engine.n_seqs(strategy, 2))

@@ -93,6 +93,9 @@ class Head:
     emit: Callable[[Event], None]
     draft_wait: Callable[[float], None] = lambda t: None  # the head waits until the lane's answer at t
     draft_ahead: bool = False  # the draft has a lane of its own: drafting ahead of need pays
+    # questions asked ahead of need, (drafter, contexts, k), that the engine answers for every
+    # request in one batched draft forward before it next waits (None: answer each at once)
+    ahead_batch: list | None = None
 
 
 class Decoder:

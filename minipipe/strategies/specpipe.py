@@ -45,7 +45,6 @@ import numpy as np
 
 from ..batch import Batch
 from ..draft import DraftSource
-from ..drafter import top_many_job
 from ..events import Drafted, Launched, Stepped
 from ..transport.messages import KVCopy, KVRemove
 from .base import Decoder, Part, Strategy
@@ -191,7 +190,7 @@ class SpecPipeDecoder(Decoder):
         prunes some of them."""
         if len(self.free_seqs) >= self.strategy.width:
             contexts = [self.committed + self.path_tokens(n) for n in nodes]
-            self.draft.ahead(top_many_job, contexts, self.strategy.width)
+            self.draft.ahead_questions(contexts, self.strategy.width)
 
     def path_tokens(self, node: TreeNode) -> list[int]:
         """Tokens from just below the tip down to `node`."""
