@@ -4,6 +4,7 @@
     python benchmarks/bench_requests.py --model smollm2-135m --draft ngram --concurrency 1,8
     python benchmarks/bench_requests.py --runtime local --stages 8   # the virtual clock, 8 stages
     python benchmarks/bench_requests.py --quick                      # 1, 4 requests; about a minute
+    python benchmarks/bench_requests.py --runtime local --stages 8 --row-cost 0.1   # rows nearly free
 
 For each concurrency c, c requests (different prompts, the same token budget) arrive at once and
 are served by one engine; each strategy serves the same requests, strategies interleaved round by
@@ -77,6 +78,9 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--cost", choices=("fixed", "calibrated"), default="fixed",
                         help="the local runtime's costs: fixed (the command line's default) or calibrated here once")
+    parser.add_argument("--row-cost", type=float, default=1.0, metavar="F",
+                        help="local runtime: multiply every per-row cost (layers, LM head, draft) by F; e.g. 0.1 "
+                             "asks what the strategies do where an extra row is nearly free, as on a GPU")
     parser.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated request counts")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--tokens", type=int, default=32, help="tokens per request (eos ignored)")
@@ -111,6 +115,12 @@ def main() -> None:
         draft_model = getattr(draft, "model", None)
         cost = fixed(config, None if draft_model is None else draft_model.config)
         print(f"virtual clock (fixed costs, as `minipipe generate --runtime local`): {cost.describe()}", file=sys.stderr)
+    if cost is not None and args.row_cost != 1.0:
+        from dataclasses import replace
+
+        cost = replace(cost, layer_per_row=cost.layer_per_row * args.row_cost,
+                       head_per_row=cost.head_per_row * args.row_cost, draft_per_token=cost.draft_per_token * args.row_cost)
+        print(f"per-row costs x {args.row_cost}: {cost.describe()}", file=sys.stderr)
 
     figures: dict = {}  # (strategy, c) -> list of summaries
     for _ in progress(range(args.rounds), "rounds"):
