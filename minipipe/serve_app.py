@@ -44,7 +44,6 @@ log = logging.getLogger("minipipe.serve")
 FALLBACK_CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'] | upper }}:\n{{ message['content'] }}\n\n"
                           "{% endfor %}{% if add_generation_prompt %}ASSISTANT:\n{% endif %}")
 DEFAULT_MAX_TOKENS = 16  # /v1/completions without max_tokens (OpenAI's default); chat: up to the context
-RETRY_AFTER_S = 1
 
 
 @dataclass
@@ -88,7 +87,8 @@ class ServeState:
         if self.in_server >= self.capacity:
             self.metrics.count("rejected_total")
             raise APIError(429, f"the server is at capacity ({self.capacity} requests running or queued); retry later",
-                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
+                           code="queue_full",
+                           headers={"Retry-After": str(self.metrics.retry_after_s(self.in_server, self.host.max_running))})
         eos = () if params.ignore_eos else self.tokenizer.eos_ids
         sampling = sampling_of(self.sampling_defaults, params.sampling)
         request = Request(new_id(params.chat), params.prompt_ids, max_new_tokens, tuple(eos),

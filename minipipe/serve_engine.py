@@ -165,6 +165,16 @@ class ServeMetrics:
             self.counters["draft_tokens_total"] += int(d.get("drafted") or 0)
             self.counters["accepted_draft_tokens_total"] += int(d.get("accepted") or 0)
 
+    def retry_after_s(self, in_server: int, max_running: int) -> int:
+        """Seconds a client refused with 429 should wait: about until the requests ahead of it
+        have been served. The server holds `in_server` requests and runs `max_running` at a
+        time, so a newcomer waits about ceil(in_server / max_running) rounds of the mean latency
+        of the requests finished so far (1 s before any has finished); at least 1, at most 60."""
+        with self.lock:
+            mean = self.latency.sum / self.latency.count if self.latency.count else 1.0
+        rounds = -(-max(1, in_server) // max(1, max_running))
+        return int(min(60, max(1, math.ceil(rounds * mean))))
+
     def tokens_per_s(self, now: float) -> float:
         while self.commits and self.commits[0][0] < now - self.window_s:
             self.commits.popleft()

@@ -473,6 +473,24 @@ def test_a_client_that_leaves_frees_its_request(strategy, stream):
         assert server.stop() == 0
 
 
+def test_retry_after_follows_the_measured_latency_and_the_backlog():
+    """Retry-After: 1 s before any request finished; then about the rounds of `max_running` the
+    server's backlog makes, times the mean latency of finished requests; within 1..60 s."""
+    from types import SimpleNamespace
+
+    from minipipe.serve_engine import ServeMetrics
+
+    metrics = ServeMetrics()
+    assert metrics.retry_after_s(in_server=8, max_running=4) == 2  # 2 rounds of the 1 s default
+    ticket = SimpleNamespace(received_s=0.0, request=None)
+    for latency in (2.0, 4.0):  # mean 3 s
+        metrics.finish(ticket, "length", latency)
+    assert metrics.retry_after_s(in_server=4, max_running=4) == 3
+    assert metrics.retry_after_s(in_server=9, max_running=4) == 9  # 3 rounds
+    assert metrics.retry_after_s(in_server=0, max_running=4) == 3
+    assert metrics.retry_after_s(in_server=1000, max_running=1) == 60
+
+
 @needs_serve
 @pytest.mark.timeout(300)
 def test_overload_gets_429_with_retry_after():
