@@ -72,31 +72,59 @@ def serve(conn, spec: str, target_dir: str) -> None:
     forks: dict = {}
     while True:
         try:
-            msg = conn.recv()
+            batch = [conn.recv()]
+            while conn.poll(0):  # everything the head has sent meanwhile, answered in order
+                batch.append(conn.recv())
         except EOFError:  # the head is gone
             return
-        kind = msg[0]
-        if kind == "stop":
-            return
-        if kind == "fork":
-            _, key, prompt, sampling = msg
-            forks[key] = draft.fork(prompt, sampling)
-        elif kind == "release":
-            fork = forks.pop(msg[1], None)
-            if fork is not None:
-                fork.release()
+        rows_ahead = _prefetch_together(batch, forks)
+        for msg in batch:
+            kind = msg[0]
+            if kind == "stop":
+                return
+            if kind == "fork":
+                _, key, prompt, sampling = msg
+                forks[key] = draft.fork(prompt, sampling)
+            elif kind == "release":
+                fork = forks.pop(msg[1], None)
+                if fork is not None:
+                    fork.release()
+            else:
+                fork = forks[msg[1]]
+                rows = fork.tokens_computed
+                if kind == "top":
+                    _, _, contexts, k = msg
+                    answer = fork.top_many(contexts, k)
+                else:  # "ahead"
+                    _, _, job, args, calibration = msg
+                    recorder = _Recorder(fork, calibration)
+                    job(recorder, *args)
+                    answer = recorder.answers
+                conn.send((answer, fork.tokens_computed - rows + rows_ahead))
+                rows_ahead = 0  # (the batched forward's rows are reported once, with the first answer)
+
+
+def _prefetch_together(batch: list, forks: dict) -> int:
+    """The questions of every `top` and SpecPipe-style `ahead` job (`top_many_job`) in `batch`
+    whose request already has a fork on a draft model's shared pool, computed in one forward
+    (`DraftPool.prefetch`): several requests' drafting costs about one request's. The jobs then
+    find their answers in memory. Returns the rows computed."""
+    from .drafter import top_many_job
+
+    by_pool: dict[int, tuple] = {}
+    for msg in batch:
+        fork = forks.get(msg[1]) if msg[0] in ("top", "ahead") else None
+        pool = getattr(fork, "pool", None)
+        if pool is None:
+            continue
+        if msg[0] == "top":
+            contexts = msg[2]
+        elif msg[2] is top_many_job:
+            contexts = msg[3][0]
         else:
-            fork = forks[msg[1]]
-            rows = fork.tokens_computed
-            if kind == "top":
-                _, _, contexts, k = msg
-                answer = fork.top_many(contexts, k)
-            else:  # "ahead"
-                _, _, job, args, calibration = msg
-                recorder = _Recorder(fork, calibration)
-                job(recorder, *args)
-                answer = recorder.answers
-            conn.send((answer, fork.tokens_computed - rows))
+            continue
+        by_pool.setdefault(id(pool), (pool, []))[1].extend((fork, [int(t) for t in c]) for c in contexts)
+    return sum(pool.prefetch(queries) for pool, queries in by_pool.values() if len(queries) > 1)
 
 
 class DraftServer:

@@ -282,6 +282,34 @@ def test_draft_server_drafts_ahead_and_stays_exact(tmp_path, name):
     assert_no_leaks()
 
 
+def test_draft_server_drafts_a_burst_of_requests_in_one_forward(tmp_path):
+    """The server takes every message the head has sent meanwhile and computes the questions of
+    all their SpecPipe-style jobs (and plain questions) in one forward of the shared pool; each
+    job then finds its answers in memory, the same answers as alone."""
+    from minipipe.draft_server import _prefetch_together, _Recorder
+    from minipipe.drafter import top_many_job
+
+    draft_dir = make_random_checkpoint(tmp_path / "d", seed=1, **DRAFT)
+    draft = DraftModel(load_stage(draft_dir))
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    forks = {i: draft.fork(p) for i, p in enumerate(prompts)}
+    batch = [("ahead", 0, top_many_job, ([[1, 2, 3, 10], [1, 2, 3, 11]], 2), None),
+             ("top", 1, [[4, 5, 12]], 2),
+             ("fork", 3, [1], None),  # (not a question)
+             ("ahead", 2, top_many_job, ([[6, 7, 8, 9, 13]], 2), None)]
+    forwards = draft.pool.forwards
+    assert _prefetch_together(batch, forks) > 0
+    assert draft.pool.forwards == forwards + 1  # one forward for three requests
+    for msg in (m for m in batch if m[0] == "ahead"):
+        fork, rows = forks[msg[1]], forks[msg[1]].tokens_computed
+        recorder = _Recorder(fork, None)
+        top_many_job(recorder, *msg[3])
+        assert fork.tokens_computed == rows  # answered from memory
+        alone = DraftModel(load_stage(draft_dir)).fork(prompts[msg[1]])
+        for (context, k), guesses in recorder.answers.items():
+            assert guesses == alone.top(list(context), k)
+
+
 def test_draft_server_reports_a_bad_draft_in_one_line(tmp_path):
     from minipipe.draft_server import DraftServer
     from minipipe.errors import MinipipeError
