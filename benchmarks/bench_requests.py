@@ -22,7 +22,9 @@ Every request's tokens are checked against its greedy decoding alone ("exact"). 
 runtime times are wall-clock; on the local runtime they are virtual (`--cost fixed`, the
 default: the command line's fixed cost model, the same on every machine; `--cost calibrated`:
 measured here once, then fixed for every run). Every strategy has the command line's default
-settings for the stage count (`minipipe.strategies.default_settings`). `pipeline` is continuous batching in the vLLM style (the running
+settings for the stage count (`minipipe.strategies.default_settings`), and on the process runtime
+`pipeinfer` and `specpipe` draft on a draft server where `minipipe generate` would use one (a
+model draft and a core to spare; `--draft-server always|never` to choose). `pipeline` is continuous batching in the vLLM style (the running
 requests split into one micro-batch per stage); `specpipe` with several requests is SpecPipe-DB.
 """
 
@@ -78,6 +80,9 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--cost", choices=("fixed", "calibrated"), default="fixed",
                         help="the local runtime's costs: fixed (the command line's default) or calibrated here once")
+    parser.add_argument("--draft-server", choices=("auto", "always", "never"), default="auto",
+                        help="process runtime: pipeinfer and specpipe draft on a draft server (auto: as the command "
+                             "line decides, when a core is spare for it)")
     parser.add_argument("--row-cost", type=float, default=1.0, metavar="F",
                         help="local runtime: multiply every per-row cost (layers, LM head, draft) by F; e.g. 0.1 "
                              "asks what the strategies do where an extra row is nearly free, as on a GPU")
@@ -122,10 +127,24 @@ def main() -> None:
                        head_per_row=cost.head_per_row * args.row_cost, draft_per_token=cost.draft_per_token * args.row_cost)
         print(f"per-row costs x {args.row_cost}: {cost.describe()}", file=sys.stderr)
 
+    # as `minipipe generate` does on the process runtime: pipeinfer and specpipe draft ahead on a
+    # draft server (a process of its own) when the draft is a model and a core is spare for it
+    # (`--draft-server always|never` overrides); the others draft in the head
+    import os
+
+    spare = (os.cpu_count() or 1) >= args.stages + 2
+    server = None
+    if (args.runtime == "process" and isinstance(draft, DraftModel) and any(n in ("pipeinfer", "specpipe") for n in names)
+            and (args.draft_server == "always" or (args.draft_server == "auto" and spare))):
+        from minipipe.draft_server import DraftServer
+
+        server = DraftServer(str(resolve_model(args.draft, default=DEFAULT_DRAFT)), target_dir)
+
     figures: dict = {}  # (strategy, c) -> list of summaries
     for _ in progress(range(args.rounds), "rounds"):
         for name in names:
-            strategy = make_strategy(name, draft, args.stages)
+            on_server = server is not None and name in ("pipeinfer", "specpipe")
+            strategy = make_strategy(name, server.source if on_server else draft, args.stages)
             n_seqs = Engine.n_seqs(strategy, max(levels))
             if args.runtime == "local":
                 models = load_stage_models(target_dir, split_layers(config.n_layers, args.stages))
@@ -142,6 +161,8 @@ def main() -> None:
                     figures.setdefault((name, c), []).append(summary)
             finally:
                 pipes[0].close()
+    if server is not None:
+        server.close()
 
     def median(name: str, c: int, key: str, sub: str | None = None):
         values = [s[key][sub] if sub else s[key] for s in figures[(name, c)]]

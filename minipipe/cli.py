@@ -52,9 +52,11 @@ def add_speculation_flags(parser: argparse.ArgumentParser) -> None:
                            "probability P: for tests and benchmarks; oracle:P:SEED draws other coins). Given more than once, the sources are merged "
                            "(SpecInfer's merge-based token trees; docs/drafts.md)")
     spec.add_argument("--draft-lane", choices=("own", "head"), default="own",
-                      help="local runtime: where the draft runs. own (default): on a lane of its own, so decoders "
-                           "draft ahead while the head waits for the pipeline (SpecPipe's next layer, PipeInfer's "
-                           "next run); head: in the head, on its critical path")
+                      help="where the draft runs. own (default): on a lane of its own, so decoders draft ahead "
+                           "while the head waits for the pipeline (SpecPipe's next layer, PipeInfer's next run): on "
+                           "the local runtime a lane of the virtual clock, on the process runtime a draft server "
+                           "process when the machine has a core to spare for it; head: in the head, on its "
+                           "critical path")
     spec.add_argument("--p-accept", type=float, metavar="P",
                       help="how sure the draft must be, by its calibrated confidence (this request's measured "
                            "acceptance of guesses like it; docs/drafts.md). speculative: extend the chain while the "
@@ -463,7 +465,7 @@ def _run_strategy(args, config, requests, show_progress, on_finish=None):
 
         stage_models = load_stage_models(args.model, split_layers(config.n_layers, n_stages, split))
     server = None
-    if _wants_draft_server(args):  # the draft in a process of its own, fed over a pipe
+    if _wants_draft_server(args, n_stages):  # the draft in a process of its own, fed over a pipe
         from .draft_server import DraftServer
 
         server = DraftServer(_draft_spec(args)[0], args.model)
@@ -476,12 +478,17 @@ def _run_strategy(args, config, requests, show_progress, on_finish=None):
             server.close()
 
 
-def _wants_draft_server(args) -> bool:
+def _wants_draft_server(args, n_stages: int) -> bool:
     """Process runtime, `--draft-lane own`: a draft server for the strategies that draft ahead of
     need (pipeinfer, specpipe) when the draft computes (a model or self:K; n-gram and oracle
-    drafts cost too little to be worth a process). The synchronous strategies draft in the head:
-    they wait for every draft anyway, so a server would only add a round trip."""
+    drafts cost too little to be worth a process) and the machine has a core to spare for it
+    (more cores than the head and the stages: on fewer, the server's process takes its time from
+    the stages; measured on 2 cores, 2 stages, 16 requests: SpecPipe-DB 430 tok/s with a server
+    against 659 with the draft in the head, docs/benchmarks.md). The synchronous strategies draft
+    in the head: they wait for every draft anyway, so a server would only add a round trip."""
     if args.runtime != "process" or getattr(args, "draft_lane", "own") != "own":
+        return False
+    if (os.cpu_count() or 1) < n_stages + 2:
         return False
     if args.strategy not in ("pipeinfer", "specpipe"):
         return False

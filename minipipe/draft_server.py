@@ -147,6 +147,7 @@ class DraftServer:
             self.close()
             raise MinipipeError(detail)
         self.expected: deque = deque()  # (fork, kind) of every answer on its way, in order
+        self.ahead_sent = 0  # drafting jobs sent to run ahead of need (all requests)
         self.next_key = 0
         self.source = RemoteDraft(self, None)
         self.source.name = detail
@@ -236,6 +237,7 @@ class RemoteDraft(DraftSource):
     def submit_ahead(self, job, args: tuple, calibration) -> None:
         """Have the server run `job` now; its answers come back while the head does other work."""
         self.server.send(("ahead", self.key, job, tuple(args), calibration), self, "ahead")
+        self.server.ahead_sent += 1
         self.pending += 1
 
     def release(self) -> None:
