@@ -52,6 +52,19 @@ def draft_for(kind: str, seed: int, sampling: Sampling, n: int):
     return OracleDraft(lambda prompt, s: sampled(seed, prompt, n, s) + [0] * 30, ORACLE_P[kind], 31, seed=seed)
 
 
+def test_a_tree_from_the_target_itself_accepts_its_deepest_path_not_its_siblings():
+    """Hypothesis's find: a tree drafted by the target itself (greedy), cut to one level by a
+    3-token budget, holds two siblings; the verification accepts the right one and rejects the
+    other. All its depth is accepted (accepted_at == drafted_at), not every node."""
+    sampling = Sampling(0.0)
+    strategy = make_strategy("tree", draft_for("target", 0, sampling, 3))
+    got = generate(strategy, LocalPipeline(PAIR.stage_models(0, 1), n_seqs=strategy.n_seqs), (0,), 3,
+                   max_positions=64, sampling=sampling)
+    assert got.tokens == sampled(0, (0,), 3, sampling)
+    stats = got.metrics.extra["speculation"]
+    assert stats.accepted_at == stats.drafted_at == [1] and (stats.drafted, stats.accepted) == (2, 1)
+
+
 @given(data=st.data())
 def test_every_strategy_equals_sequential_sampling(data):
     name = data.draw(st.sampled_from(STRATEGIES), label="strategy")
@@ -69,7 +82,11 @@ def test_every_strategy_equals_sequential_sampling(data):
     assert not held_resources(pipe)
     if kind == "target" and name in ("speculative", "tree") and n > 2:  # coupled drafting: all accepted
         stats = got.metrics.extra["speculation"]
-        assert stats.accepted == stats.drafted
+        # every verification that drafted to depth d accepted d tokens: a chain's every token, a
+        # tree's whole deepest path (its other branches are rejected by construction)
+        assert stats.accepted_at == stats.drafted_at
+        if name == "speculative":
+            assert stats.accepted == stats.drafted
 
 
 @given(data=st.data())
