@@ -614,7 +614,6 @@ def supervise(argv: list[str], n_stages: int, hostfile: str | None = None, hosts
     try:
         while proc.poll() is None:
             time.sleep(0.05)
-            watcher.update()
             if interrupted and time.monotonic() - interrupted[1] > INTERRUPT_GRACE_S:
                 _kill_group(proc)
             head = _head_pid(status_file)
@@ -635,7 +634,7 @@ def supervise(argv: list[str], n_stages: int, hostfile: str | None = None, hosts
         if said:
             _say(said[-1])
             return 1
-        died = _who_died(lines, status_file, watcher.first_dead)
+        died = _who_died(lines, status_file, watcher.result())
         if died is not None:
             _say(f"minipipe: error: {died} (mpiexec ended every rank)")
             return 1
@@ -644,6 +643,7 @@ def supervise(argv: list[str], n_stages: int, hostfile: str | None = None, hosts
         _say(f"minipipe: error: the MPI job failed before its head could report ({reason})")
         return 1
     finally:
+        watcher.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if proc.poll() is None:
@@ -703,16 +703,27 @@ class _RankWatcher:
     def __init__(self, status_file: str):
         self.status_file = status_file
         self.first_dead: list[str] | None = None  # the rank(s) that ended first
-        self.started = False
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
 
-    def update(self) -> None:
-        if self.started:
-            return
-        ranks = _roster(self.status_file)
-        if not ranks:
-            return
-        self.started = True
-        threading.Thread(target=self._watch, args=(ranks,), daemon=True).start()
+    def _run(self) -> None:
+        """Wait for the head's roster (checked every 2 ms, from the start: a rank may die moments
+        after it is written), then watch the ranks in it."""
+        while not self.closed.is_set():
+            ranks = _roster(self.status_file)
+            if ranks:
+                return self._watch(ranks)
+            time.sleep(2e-3)
+
+    def close(self) -> None:
+        """Stop waiting for a roster (the job is over)."""
+        self.closed.set()
+
+    def result(self, wait_s: float = 0.5) -> list[str] | None:
+        """The rank(s) that ended first, waiting up to `wait_s` for the watcher to say."""
+        self.thread.join(wait_s)
+        return self.first_dead
 
     def _watch(self, ranks: dict[int, str]) -> None:
         """Wait for the first rank to end. epoll hands out ready descriptors in the order they
