@@ -696,9 +696,9 @@ def _kill_group(proc) -> None:
 
 class _RankWatcher:
     """Watches the ranks on this host (pids from the head's roster in the status file) and
-    notes which one ended first: when a rank dies, mpiexec kills all the others within
+    notes which one began to die first: when a rank dies, mpiexec kills all the others within
     milliseconds, and its own report does not reliably name the first (it often names rank 0).
-    A thread waits on a pidfd per rank (Linux) with epoll."""
+    A thread reads each rank's /proc/PID/stat every millisecond (`_exiting`)."""
 
     def __init__(self, status_file: str):
         self.status_file = status_file
@@ -726,27 +726,35 @@ class _RankWatcher:
         return self.first_dead
 
     def _watch(self, ranks: dict[int, str]) -> None:
-        """Wait for the first rank to end. epoll hands out ready descriptors in the order they
-        became ready, so even a late wake-up (a busy machine) names the first one to end."""
-        import select
+        """Wait for the first rank to start dying, checking every millisecond. A process's exit
+        begins long before it ends: once killed it closes its files (its MPI connections: the
+        launcher learns of the death there and kills the other ranks at once) and only then
+        frees its memory, which takes longer for a big process, so the rank whose *end* comes
+        first can be one the launcher killed. So the watcher looks for the start: the kernel's
+        PF_EXITING flag in /proc/PID/stat (or the process gone). Several seen at once: all named."""
+        while not self.closed.is_set():
+            dying = [what for pid, what in ranks.items() if _exiting(pid)]
+            if dying:
+                self.first_dead = dying
+                return
+            time.sleep(1e-3)
 
-        try:
-            poller = select.epoll()
-            fds = {}
-            for pid in ranks:
-                fd = os.pidfd_open(pid)
-                fds[fd] = pid
-                poller.register(fd, select.EPOLLIN)
-        except (AttributeError, OSError):  # no pidfd here: poll the pids
-            while all(pid_alive(pid) for pid in ranks):
-                time.sleep(2e-3)
-            self.first_dead = [what for pid, what in ranks.items() if not pid_alive(pid)]
-            return
-        events = poller.poll()
-        self.first_dead = [ranks[fds[events[0][0]]]]
-        for fd in fds:
-            os.close(fd)
-        poller.close()
+
+PF_EXITING = 0x4  # linux/sched.h: the task is getting shut down
+
+
+def _exiting(pid: int) -> bool:
+    """Process `pid` has begun to exit (PF_EXITING), is a zombie, or is gone (Linux /proc; where
+    there is no /proc: not alive)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return not pid_alive(pid)
+    fields = stat[stat.rindex(b")") + 2:].split()  # after "pid (comm) ": state ppid pgrp session tty tpgid flags
+    return fields[0] in (b"Z", b"X") or bool(int(fields[6]) & PF_EXITING)
 
 
 def _roster(status_file: str) -> dict[int, str]:
