@@ -57,7 +57,7 @@ and every rank finalizes MPI. Any other end calls MPI_Abort from the head once i
 which makes the MPI launcher kill every rank on every host, a stopped one included; its own
 "Abort(...)" line is not shown. A stage rank that is killed outright makes mpiexec end the
 whole job itself (its default clean-up), the head included, with MPI's own report; when minipipe
-started mpiexec (the supervisor), it watches the ranks on its host, notes which one ended first
+started mpiexec (the supervisor), it watches the ranks on its host, notes which one began to exit first
 (`_RankWatcher`) and says so in the one line instead.
 """
 
@@ -702,7 +702,7 @@ class _RankWatcher:
 
     def __init__(self, status_file: str):
         self.status_file = status_file
-        self.first_dead: list[str] | None = None  # the rank(s) that ended first
+        self.first_dead: list[str] | None = None  # the rank(s) that began to exit first
         self.closed = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -721,7 +721,7 @@ class _RankWatcher:
         self.closed.set()
 
     def result(self, wait_s: float = 0.5) -> list[str] | None:
-        """The rank(s) that ended first, waiting up to `wait_s` for the watcher to say."""
+        """The rank(s) that began to exit first, waiting up to `wait_s` for the watcher to say."""
         self.thread.join(wait_s)
         return self.first_dead
 
@@ -776,7 +776,7 @@ def _roster(status_file: str) -> dict[int, str]:
 
 def _who_died(lines: list[str], status_file: str, first_dead: list[str] | None) -> str | None:
     """The rank whose death made mpiexec end the job ("stage 1 (...) died: killed by SIGKILL"):
-    the one rank on this host that ended first, how it ended from mpiexec's report ("EXIT CODE:
+    the one rank on this host that began to exit first, how it ended from mpiexec's report ("EXIT CODE:
     9"). None if mpiexec reported no rank's death."""
     import re
 
