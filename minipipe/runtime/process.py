@@ -157,14 +157,22 @@ class ProcessPipeline(Pipeline):
     def _start(self, proc) -> None:
         """Start a stage with SIGINT ignored from birth: an ignored signal stays ignored across
         exec, so a Ctrl-C during the child's start-up (imports) cannot print a traceback there.
-        A Ctrl-C for the head in these few milliseconds is lost (press again)."""
+        SIGINT is blocked in the head meanwhile (a blocked signal stays pending even while it is
+        ignored), so a Ctrl-C in those milliseconds reaches the head's own handler once the
+        handler is back and the signal unblocked: it is not lost. (The stage inherits the block
+        too, harmlessly: it ignores SIGINT for good.)"""
         main = threading.current_thread() is threading.main_thread()
+        block = main and hasattr(signal, "pthread_sigmask")
+        if block:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
         try:
             proc.start()
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
+            if block:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending Ctrl-C arrives now
         self.procs.append(proc)
 
     def _wait_ready(self, timeout: float) -> None:
