@@ -134,8 +134,10 @@ class DraftPool:
         rows, pending = [], []  # (token, position, seq); (fork, context, temp seq, common, last row)
         for fork, context in queries:
             context = [int(t) for t in context]
-            if tuple(context) in fork.memo or (context == fork.cached and fork.last_probs is not None):
+            if tuple(context) in fork.memo or (context == fork.last_context and fork.last_probs is not None):
                 continue
+            if any(p[0] is fork and p[1] == context for p in pending):
+                continue  # asked twice in one batch (ahead of need, and as a need)
             common = min(common_prefix(fork.cached, context), len(context) - 1)
             if len(context) - common > 8:
                 continue
@@ -190,6 +192,7 @@ class DraftModel(DraftSource):
         self.cached: list[int] = []
         self.memo: dict[tuple, np.ndarray] = {}  # context -> logits [V'], from the pool's prefetch
         self.last_probs: np.ndarray | None = None  # [V'] distribution after the last context asked
+        self.last_context: list[int] | None = None  # ... that context
         self.n_rows = self.n_forwards = 0
 
     @property
@@ -203,12 +206,12 @@ class DraftModel(DraftSource):
 
     def reset(self, prompt: Sequence[int]) -> None:
         self.cache.seq_rm(self.seq)
-        self.cached, self.last_probs, self.memo = [], None, {}
+        self.cached, self.last_probs, self.memo, self.last_context = [], None, {}, None
 
     def release(self) -> None:
         """The request is over: its sequence goes back to the pool."""
         self.pool.release(self.seq)
-        self.cached, self.memo = [], {}
+        self.cached, self.memo, self.last_context = [], {}, None
 
     def fork(self, prompt: Sequence[int], sampling: Sampling | None = None) -> "DraftModel":
         """The same weights and pool, a sequence of its own."""
@@ -225,7 +228,7 @@ class DraftModel(DraftSource):
             self.last_probs = kernels.softmax(self.last_logits[None, :])[0]
             self.last_context = context
             return self.last_probs
-        if context == getattr(self, "last_context", None) and self.last_probs is not None:
+        if context == self.last_context and self.last_probs is not None:
             return self.last_probs
         common = common_prefix(self.cached, context)
         common = min(common, len(context) - 1)  # recompute at least the last token for its logits

@@ -88,7 +88,8 @@ class Engine:
             self.bus.subscribe(self._trace)
         self.head = Head(n_stages=pipe.n_stages, new_id=pipe.new_run_id, now=pipe.now, answer_waiting=pipe.poll,
                          draft_work=pipe.draft_work, emit=self.bus.emit, draft_wait=pipe.draft_wait,
-                         draft_ahead=pipe.has_draft_lane, ahead_batch=[])
+                         draft_ahead=pipe.has_draft_lane, ahead_batch=[],
+                         n_running=lambda: len(self.running), answered=lambda: self.answered)
         self.t0 = pipe.now()  # arrival times count from here
         self.waiting: deque[Request] = deque()  # in arrival order
         self.running: list[Decoder] = []  # in admission order
@@ -101,6 +102,7 @@ class Engine:
         self.inflight: deque[Flight] = deque()  # micro-batches in flight, oldest first
         self.flight_of: dict[int, Flight] = {}  # cancellation key -> the micro-batch carrying it
         self._ready_order = 0  # stamps parts in the order they became ready
+        self.answered = 0  # micro-batches answered so far
 
     @staticmethod
     def n_seqs(strategy: Strategy, max_running: int) -> int:
@@ -236,11 +238,14 @@ class Engine:
 
     def _launch(self) -> None:
         """Send what the decoders have queued and optional work (`_launch_parts`); then draft
-        ahead of need for every request at once (`_draft_ahead_together`)."""
+        ahead of need for every request at once (`_draft_together`), while the micro-batches
+        travel, if the draft's lane is free: a busy lane takes them with the next turn's
+        drafting, in the same forward (each forward streams the draft's weights once)."""
         try:
             self._launch_parts()
         finally:
-            self._draft_ahead_together()
+            if not self.pipe.draft_busy():
+                self._draft_together([])
 
     def _launch_parts(self) -> None:
         """Send what the decoders have queued, and optional work while the pipeline has room.
@@ -276,41 +281,41 @@ class Engine:
             self._submit([self.queue[d].popleft() for d in ready])
 
     def _prefetch_drafts(self, decoders: list[Decoder]) -> None:
-        """Batched drafting: the contexts the decoders' offers will ask their drafts about, computed
-        for every request in one forward per draft pool (one pass over the draft's weights), so
-        drafting for many requests costs little more than for one."""
-        by_pool: dict[int, tuple] = {}
-        self._draft_ahead_together()  # (questions asked ahead first: one forward may answer both)
+        """Batched drafting before the decoders' offers: what they will ask their drafts about
+        (`Decoder.draft_needs`), with the questions asked ahead of need, computed for every
+        request in one forward per draft pool (one pass over the draft's weights)."""
+        needs = []
         for decoder in decoders:
-            pool = None if decoder.draft is None else decoder.draft.pool
-            needs = decoder.draft_needs() if pool is not None else []
-            if needs:
-                fork = getattr(decoder.draft.source, "inner", decoder.draft.source)  # (a traced draft's own)
-                by_pool.setdefault(id(pool), (pool, []))[1].extend((fork, c) for c in needs)
-        for pool, queries in by_pool.values():
-            rows = pool.prefetch(queries)
-            if rows:
-                self.pipe.draft_work(rows, 1)
+            if decoder.draft is not None and decoder.draft.pool is not None:
+                needs.extend((decoder.draft, c) for c in decoder.draft_needs())
+        self._draft_together(needs)
 
-    def _draft_ahead_together(self) -> None:
-        """Answer the questions decoders asked ahead of need (`Head.ahead_batch`: SpecPipe-DB's
-        next layer under every request's newest nodes) in one forward per draft pool, on the
-        draft's lane, and hand each its answers with the time they are ready."""
-        if not self.head.ahead_batch:
-            return
-        jobs = [job for job in self.head.ahead_batch if not job[0].closed]
-        self.head.ahead_batch.clear()
-        by_pool: dict[int, tuple] = {}
-        for drafter, contexts, k in jobs:
+    def _draft_together(self, needs: list) -> None:
+        """One forward per draft pool on the draft's lane for `needs` ((drafter, context) pairs the
+        head waits for) and the questions decoders asked ahead of need (`Head.ahead_batch`:
+        SpecPipe-DB's next layer under every request's newest nodes), each of which gets its
+        answers with the time they are ready."""
+        jobs = [job for job in self.head.ahead_batch or [] if not job[0].closed]
+        if self.head.ahead_batch:
+            self.head.ahead_batch.clear()
+        by_pool: dict[int, tuple] = {}  # id(pool) -> (pool, queries, ahead jobs, head waits)
+        for drafter, context in needs:
             fork = getattr(drafter.source, "inner", drafter.source)  # (a traced draft's own)
-            entry = by_pool.setdefault(id(drafter.pool), (drafter.pool, [], []))
+            entry = by_pool.setdefault(id(drafter.pool), (drafter.pool, [], [], [False]))
+            entry[1].append((fork, context))
+            entry[3][0] = True
+        for drafter, contexts, k in jobs:
+            fork = getattr(drafter.source, "inner", drafter.source)
+            entry = by_pool.setdefault(id(drafter.pool), (drafter.pool, [], [], [False]))
             entry[1].extend((fork, c) for c in contexts)
             entry[2].append((drafter, contexts, k))
-        for pool, queries, asked in by_pool.values():
+        for pool, queries, asked, waits in by_pool.values():
             rows = pool.prefetch(queries)
             ready = self.pipe.draft_work(rows, 1, wait=False) if rows else self.pipe.now()
             for drafter, contexts, k in asked:
                 drafter.answer_ahead(contexts, k, ready)
+            if waits[0]:
+                self.pipe.draft_wait(ready)
 
     def _send_edits(self, decoder: Decoder | None = None) -> None:
         """Send the KV edits queued ahead of each decoder's next part (or of one decoder's)."""
@@ -369,6 +374,7 @@ class Engine:
 
     def _route(self, answer: Result | Cancelled) -> None:
         flight = self.inflight.popleft()
+        self.answered += 1
         assert answer.run_id == flight.run_id, f"answers out of order: {answer.run_id} != {flight.run_id}"
         for key in flight.live_keys:
             self.flight_of.pop(key, None)

@@ -151,6 +151,39 @@ def test_specpipe_db_drafts_every_requests_next_layer_in_one_forward():
     assert ahead[True] >= 0.8 * ahead[False] > 0, ahead  # ... and the answers are still there ahead of need
 
 
+def test_specpipe_db_trees_narrow_with_load():
+    """With several requests sharing each step, SpecPipe-DB sends fewer rows per committed token
+    than the same requests would with no load bar (`SpecPipeDecoder.load_bar`), and one request
+    alone is not narrowed; the tokens are greedy decoding's either way."""
+    from minipipe.events import Committed, Launched
+
+    prompts = [[1, 2], [3, 4, 5], [6], [7, 8, 9, 10], [11, 12], [13], [14, 15, 16], [17, 18]]
+
+    def rows_per_token(n_requests: int, row_cost: float) -> float:
+        strategy = make_strategy("specpipe", DraftModel(PAIR.draft_model(0)))
+        strategy.row_cost = row_cost
+        pipe = LocalPipeline(PAIR.stage_models(0, 4), n_seqs=Engine.n_seqs(strategy, n_requests))
+        counts = {"rows": 0, "tokens": 0}
+
+        def count(e):
+            if isinstance(e, Launched) and e.kind == "tree layer":
+                counts["rows"] += len(e.tokens)
+            elif isinstance(e, Committed):
+                counts["tokens"] += len(e.tokens)
+
+        engine = Engine(pipe, strategy, max_running=n_requests, max_positions=64, listeners=[count])
+        requests = [engine.add(Request(i, p, 16)) for i, p in enumerate(prompts[:n_requests])]
+        engine.run()
+        for r in requests:
+            assert r.result().tokens == oracle(0, r.prompt, 16)
+        assert not held_resources(pipe)
+        return counts["rows"] / counts["tokens"]
+
+    assert rows_per_token(1, 0.47) == rows_per_token(1, 0.0)  # no bar with one request
+    loaded, unbarred = rows_per_token(8, 0.47), rows_per_token(8, 0.0)
+    assert loaded <= 0.8 * unbarred, (loaded, unbarred)
+
+
 def test_a_request_that_can_never_fit_is_refused():
     strategy = make_strategy("pipeline", None)
     pipe = LocalPipeline(PAIR.stage_models(0, 1), n_seqs=Engine.n_seqs(strategy, 2))

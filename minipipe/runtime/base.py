@@ -109,6 +109,10 @@ class Pipeline(ABC):
     def draft_wait(self, t: float) -> None:
         """The head needs a draft answer that is ready at `t` (local runtime: its clock waits)."""
 
+    def draft_busy(self) -> bool:
+        """The draft's lane is still computing what it was given (only the local runtime has one)."""
+        return False
+
     def now(self) -> float:
         """The head's clock (seconds; virtual in the local runtime)."""
         return time.perf_counter()

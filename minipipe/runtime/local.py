@@ -193,6 +193,9 @@ class LocalPipeline(Pipeline):
         if self.cost is not None and t > self.clock:
             self.clock = t
 
+    def draft_busy(self) -> bool:
+        return self.has_draft_lane and self.cost is not None and self.draft_free_at > self.clock
+
     def now(self) -> float:
         """Virtual seconds (clock mode), or stage steps taken so far (chooser mode)."""
         return self.clock if self.cost is not None else float(self.n_steps)

@@ -96,6 +96,8 @@ class Head:
     # questions asked ahead of need, (drafter, contexts, k), that the engine answers for every
     # request in one batched draft forward before it next waits (None: answer each at once)
     ahead_batch: list | None = None
+    n_running: Callable[[], int] = lambda: 1  # requests decoding now (sharing every micro-batch)
+    answered: Callable[[], int] = lambda: 0  # micro-batches answered so far (the pipeline's steps)
 
 
 class Decoder:

@@ -75,6 +75,8 @@ class SpecPipeDecoder(Decoder):
         self.free_seqs = deque(seqs[1:])  # sequence ids not held by a live node
         self.tip: TreeNode | None = None  # the newest committed node (its K/V cached or in flight)
         self.epoch = 0  # bumps at every miss: layers launched before it are stale
+        self.admitted_at = head.answered()  # the pipeline's steps before this request
+        self.rows_sent = 0  # rows this request has launched (roots and tree layers)
 
     def begin(self) -> None:
         self.new_root(self.committed[-1], len(self.committed) - 1)
@@ -168,7 +170,7 @@ class SpecPipeDecoder(Decoder):
         candidates = sorted(((-leaf.path_prob * prob, i, leaf, token, prob)
                              for i, (leaf, guesses) in enumerate(zip(frontier, answers)) for token, prob in guesses),
                             key=lambda c: (c[0], c[1]))  # (-path probability, order, parent, token, prob)
-        chosen = [c for j, c in enumerate(candidates[: s.width]) if j == 0 or -c[0] >= s.min_path]
+        chosen = self.worth_a_row([(-c[0], c) for c in candidates[: s.width]])
         layer, edits = [], []
         for neg_path_prob, _, parent, token, prob in chosen:
             node = TreeNode(self.head.new_id(), token, parent.pos + 1, self.free_seqs.popleft(), parent,
@@ -184,13 +186,54 @@ class SpecPipeDecoder(Decoder):
         self.send(layer, "tree layer")
         return True
 
+    def worth_a_row(self, candidates: list[tuple[float, tuple]]) -> list[tuple]:
+        """The candidates (chance, candidate), best first, that join the layer: each while its
+        chance of becoming the tip is at least `min_path` (the best is exempt) and at least the
+        load bar (`load_bar`); the best always when nothing of this request is in flight."""
+        s: SpecPipeStrategy = self.strategy
+        bar = self.load_bar()
+        chosen: list[tuple] = []
+        for chance, candidate in candidates:
+            if chance < bar and (chosen or self.current_inflight() > 0):
+                break
+            if chosen and chance < s.min_path:
+                break
+            chosen.append(candidate)
+        return chosen
+
+    def load_bar(self) -> float:
+        """The chance of becoming the tip a row needs when several requests share each step
+        (SpecPipe-DB): a row pays when it adds more to the expected tokens of a step than its
+        stage time takes from every request's. With n requests sending rho rows a step each,
+        a step costs 1 + row_cost * n * rho fixed costs and yields n * rho * y tokens, where y
+        is this request's tokens per row so far; one more row of chance q pays when
+
+            q  >=  row_cost * n * rho * y / (1 + row_cost * n * rho)
+
+        which is about y (the average row's yield) under heavy load and small with few
+        requests. rho and y are measured from this request's rows, tokens and the pipeline's
+        steps since it was admitted (with a prior of one row a step yielding half a token).
+        0 with one request: its rows fill steps no other request needs."""
+        s: SpecPipeStrategy = self.strategy
+        n = self.head.n_running()
+        if n <= 1:
+            return 0.0
+        prior = 8
+        steps = self.head.answered() - self.admitted_at + prior
+        rows = self.rows_sent + prior
+        tokens = len(self.sink.tokens) + prior / 2
+        load = s.row_cost * n * rows / steps
+        return load * (tokens / rows) / (1 + load)
+
     def draft_ahead(self, nodes: list[TreeNode]) -> None:
         """Draft the children of the nodes just sent, on the draft's lane, while they travel: the
         next layer grows under the deepest leaves, and the answer that comes back meanwhile only
         prunes some of them."""
+        bar = self.load_bar()  # (a child's chance is at most its parent's: none of a node under the bar joins)
         if len(self.free_seqs) >= self.strategy.width:
-            contexts = [self.committed + self.path_tokens(n) for n in nodes]
-            self.draft.ahead_questions(contexts, self.strategy.width)
+            contexts = [self.committed + self.path_tokens(n) for n in nodes if n.path_prob >= bar]
+            if contexts:
+                self.draft.ahead_questions(contexts, self.strategy.width)
 
     def path_tokens(self, node: TreeNode) -> list[int]:
         """Tokens from just below the tip down to `node`."""
@@ -201,6 +244,7 @@ class SpecPipeDecoder(Decoder):
         return out[::-1]
 
     def send(self, nodes: list[TreeNode], kind: str) -> None:
+        self.rows_sent += len(nodes)
         batch = Batch(tokens=np.array([n.token for n in nodes], dtype=np.int64),
                       positions=np.array([n.pos for n in nodes], dtype=np.int64),
                       seq_ids=tuple((n.seq,) for n in nodes), want_logits=np.ones(len(nodes), dtype=bool))
@@ -271,14 +315,19 @@ class SpecPipeStrategy(Strategy):
     """SpecPipe. width: most nodes per new tree layer (the width budget W); min_path: a node
     beyond the best of its layer joins only if its chance of becoming the tip (its path
     probability from the tip, by calibrated confidence) is at least this; max_nodes: sequence
-    ids available to one request's live tree nodes; calibrate: see `minipipe.drafter`."""
+    ids available to one request's live tree nodes; calibrate: see `minipipe.drafter`;
+    row_cost: one more row's stage time as a fraction of a micro-batch's fixed stage time, by
+    which a layer narrows when several requests share each step (`SpecPipeDecoder.worth_a_row`;
+    the default is the fixed cost model's ratio for a layer, 157 / 335 µs for the shipped model,
+    `minipipe.runtime.cost`)."""
 
     name = "specpipe"
     one_part_in_flight = False
 
     def __init__(self, draft: DraftSource, width: int = 4, max_nodes: int = 256, min_path: float = 0.3,
-                 calibrate: bool = True):
+                 calibrate: bool = True, row_cost: float = 0.47):
         self.draft, self.width, self.max_nodes, self.min_path = draft, width, max_nodes, min_path
+        self.row_cost = row_cost
         self.calibrate = calibrate
 
     @property
