@@ -130,8 +130,11 @@ class DraftPool:
     def prefetch(self, queries: list[tuple["DraftModel", list[int]]]) -> int:
         """Compute the distributions after every (fork, context) in one forward; each fork then
         answers `top(context, k)` from memory. Returns the rows computed. Contexts a fork already
-        holds, or that need a long suffix (a prompt: the batched prefill path), are left alone."""
-        rows, pending = [], []  # (token, position, seq); (fork, context, temp seq, common, last row)
+        holds, or that need a long suffix (a prompt: the batched prefill path), are left alone.
+        A context's new suffix may be several tokens (the committed text moved past what the
+        fork holds); every row of it keeps its distribution, so a question about a shorter
+        context of the same text later costs nothing."""
+        rows, pending = [], []  # (token, position, seq); (fork, context, temp seq, common)
         for fork, context in queries:
             context = [int(t) for t in context]
             if tuple(context) in fork.memo or (context == fork.last_context and fork.last_probs is not None):
@@ -144,19 +147,18 @@ class DraftPool:
             temp = self.new_seq()
             self.cache.seq_cp(fork.seq, temp, 0, common)  # the temp sequence sees the fork's prefix
             rows += [(t, common + i, temp) for i, t in enumerate(context[common:])]
-            pending.append((fork, context, temp, common, len(rows) - 1))
+            pending.append((fork, context, temp, common))
         if not rows:
             return 0
-        want = np.zeros(len(rows), dtype=bool)
-        want[[p[4] for p in pending]] = True
         batch = Batch(tokens=np.array([r[0] for r in rows], dtype=np.int64),
                       positions=np.array([r[1] for r in rows], dtype=np.int64),
-                      seq_ids=tuple((r[2],) for r in rows), want_logits=want)
-        logits = self.model.forward(self.cache, batch)  # [queries, V]
+                      seq_ids=tuple((r[2],) for r in rows), want_logits=np.ones(len(rows), dtype=bool))
+        logits = iter(self.model.forward(self.cache, batch))  # [rows, V]
         self.forwards, self.rows = self.forwards + 1, self.rows + len(rows)
         adopted = set()
-        for (fork, context, temp, common, _), row in zip(pending, logits):
-            fork.memo[tuple(context)] = row[: fork.vocab]
+        for fork, context, temp, common in pending:
+            for end in range(common + 1, len(context) + 1):  # the distribution after each row
+                fork.memo[tuple(context[:end])] = next(logits)[: fork.vocab]
             if fork not in adopted:  # the fork's first context becomes its cached text
                 adopted.add(fork)
                 self.cache.seq_rm(fork.seq, common)
@@ -204,6 +206,12 @@ class DraftModel(DraftSource):
     def forwards_computed(self) -> int:
         return self.n_forwards
 
+    def forget_before(self, n: int) -> None:
+        """The committed text has `n` tokens: drop remembered distributions after shorter contexts
+        (no question will ask about them again)."""
+        if self.memo and any(len(key) < n for key in self.memo):
+            self.memo = {key: v for key, v in self.memo.items() if len(key) >= n}
+
     def reset(self, prompt: Sequence[int]) -> None:
         self.cache.seq_rm(self.seq)
         self.cached, self.last_probs, self.memo, self.last_context = [], None, {}, None
@@ -224,7 +232,7 @@ class DraftModel(DraftSource):
         context = [int(t) for t in context]
         key = tuple(context)
         if key in self.memo:
-            self.last_logits = self.memo.pop(key)
+            self.last_logits = self.memo[key]  # kept: a question may come again (`forget_before`)
             self.last_probs = kernels.softmax(self.last_logits[None, :])[0]
             self.last_context = context
             return self.last_probs

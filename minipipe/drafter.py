@@ -247,6 +247,8 @@ class Drafter(DraftSource):
         if self.calibration is not None:
             self.calibration.settle(committed)
         n = len(committed)
+        if hasattr(self.source, "forget_before"):
+            self.source.forget_before(n)
         if self.memo and any(len(key[0]) < n for key in self.memo):
             self.memo = {key: v for key, v in self.memo.items() if len(key[0]) >= n}
 

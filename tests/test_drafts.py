@@ -316,6 +316,36 @@ def test_draft_server_drafts_a_burst_of_requests_in_one_forward(tmp_path):
             assert guesses == alone.top(list(context), k)
 
 
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_the_pools_batched_answers_are_the_drafts_own(data):
+    """Questions of several requests answered in batched forwards of the shared pool (suffixes
+    of several tokens, shorter contexts of a text asked later, questions asked twice) give the
+    guesses of the draft asked alone, and a shorter context of a text the pool has computed is
+    answered without a new row."""
+    model = PAIR.draft_model(0)
+    draft = DraftModel(model)
+    prompts = [[1, 2, 3], [4, 5], [6]]
+    forks = [draft.fork(p) for p in prompts]
+    texts = [list(p) for p in prompts]  # each request's text so far
+    for _ in range(data.draw(st.integers(1, 4), label="batches")):
+        queries = []
+        for i in data.draw(st.lists(st.integers(0, 2), min_size=1, max_size=5), label="requests asked"):
+            texts[i] += data.draw(st.lists(st.integers(0, 28), max_size=3), label="new tokens")
+            cut = data.draw(st.integers(0, 2), label="shorter by")
+            queries.append((forks[i], texts[i][: max(len(prompts[i]), len(texts[i]) - cut)]))
+        draft.pool.prefetch(queries)
+        for fork, context in queries:
+            alone = DraftModel(model).fork(context[:1])
+            assert fork.top(context, 3) == alone.top(context, 3)
+    fork = draft.fork([7, 8])  # a suffix of three tokens: the two shorter contexts come from memory
+    draft.pool.prefetch([(fork, [7, 8, 9, 10, 11])])
+    rows = fork.tokens_computed
+    for context in ([7, 8, 9], [7, 8, 9, 10], [7, 8, 9, 10, 11]):
+        assert fork.top(context, 3) == DraftModel(model).fork([7]).top(context, 3)
+    assert fork.tokens_computed == rows
+
+
 def test_draft_server_reports_a_bad_draft_in_one_line(tmp_path):
     from minipipe.draft_server import DraftServer
     from minipipe.errors import MinipipeError

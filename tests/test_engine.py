@@ -133,6 +133,7 @@ def test_specpipe_db_drafts_every_requests_next_layer_in_one_forward():
     lane_forwards, ahead = {}, {}
     for batched in (True, False):
         strategy = make_strategy("specpipe", DraftModel(PAIR.draft_model(0)))
+        strategy.row_cost = 0.0  # no load bar: every request keeps a full wavefront to draft for
         tracer = Tracer()
         pipe = LocalPipeline(PAIR.stage_models(0, 2), n_seqs=Engine.n_seqs(strategy, 4), tracer=tracer)
         drafted = []

@@ -202,21 +202,23 @@ class SpecPipeDecoder(Decoder):
         return chosen
 
     def load_bar(self) -> float:
-        """The chance of becoming the tip a row needs when several requests share each step
-        (SpecPipe-DB): a row pays when it adds more to the expected tokens of a step than its
-        stage time takes from every request's. With n requests sending rho rows a step each,
-        a step costs 1 + row_cost * n * rho fixed costs and yields n * rho * y tokens, where y
-        is this request's tokens per row so far; one more row of chance q pays when
+        """The chance of becoming the tip a row needs once the running requests outnumber the
+        stages (SpecPipe-DB under load). With n requests sending rho rows a step each, a step
+        costs 1 + row_cost * n * rho fixed costs and yields n * rho * y tokens, where y is this
+        request's tokens per row so far; one more row of chance q pays when it adds more to the
+        step's tokens than its stage time takes from every request's:
 
             q  >=  row_cost * n * rho * y / (1 + row_cost * n * rho)
 
-        which is about y (the average row's yield) under heavy load and small with few
-        requests. rho and y are measured from this request's rows, tokens and the pipeline's
-        steps since it was admitted (with a prior of one row a step yielding half a token).
-        0 with one request: its rows fill steps no other request needs."""
+        about y (the average row's yield) under heavy load. rho and y are measured from this
+        request's rows and tokens and the pipeline's steps since it was admitted (with a prior of
+        one row a step yielding half a token). 0 while n <= n_stages: continuous batching alone
+        would leave stages idle then (it makes at most n micro-batches for n_stages stages), so
+        speculative rows fill stage time nobody else needs, and the pace is set by a step's
+        latency (hops, the head, the draft), not by its rows."""
         s: SpecPipeStrategy = self.strategy
         n = self.head.n_running()
-        if n <= 1:
+        if n <= self.head.n_stages:
             return 0.0
         prior = 8
         steps = self.head.answered() - self.admitted_at + prior
