@@ -232,7 +232,7 @@ class DraftModel(DraftSource):
         context = [int(t) for t in context]
         key = tuple(context)
         if key in self.memo:
-            self.last_logits = self.memo[key]  # kept: a question may come again (`forget_before`)
+            self.last_logits = self.memo.pop(key)  # (asked again: `last_context` answers it)
             self.last_probs = kernels.softmax(self.last_logits[None, :])[0]
             self.last_context = context
             return self.last_probs
