@@ -19,7 +19,8 @@ the head (`--draft-lane head`), side by side. For SpecPipe the measured hit rate
 next to the sanity model S = N / (1 + (1 - h)(N - 1)) (docs/papers.md).
 
 Part **process** (real processes, wall-clock time): stage counts from 1 up to the cores this
-machine has, every strategy at each; greedy on one thread and on every core (`--threads`), each
+machine has, every strategy at each, each stage's decode GEMVs on cores // stages threads
+(`--threads`: the same cores as greedy on every core); greedy on one thread and on every core, each
 round interleaving every run so that load drifts hit them alike; medians over `--rounds`. Pairs:
 tinybard with its draft, and SmolLM2-135M (if pulled) with prompt lookup on ordinary text and on
 text that repeats. Tokens/s and the ratio to greedy with every core.
@@ -187,7 +188,8 @@ def part_process(tokens: int, rounds: int, max_stages: int, pairs: list[tuple]) 
         for label, model, draft, prompt in pairs:
             truth = None
             plan = [("greedy", 1, ["--threads", "1"]), (f"greedy x{n_cores}", 1, ["--threads", str(n_cores)])]
-            plan += [(name, s, ["--stages", str(s)] + ([] if name == "pipeline" else ["--draft-model", draft]))
+            plan += [(name, s, ["--stages", str(s), "--threads", str(max(1, n_cores // s))]
+                      + ([] if name == "pipeline" else ["--draft-model", draft]))
                      for s in range(1, max_stages + 1) for name in STRATEGY_NAMES]
             for name, stages, extra in plan:
                 strategy = "greedy" if name.startswith("greedy") else name

@@ -193,9 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true",
                      help='print one JSON object {"tokens": [...], "text": ..., "metrics": {...}} instead of streaming')
     gen.add_argument("--threads", type=int, default=1, metavar="N",
-                     help="greedy: threads for the decode steps' matrix-vector products (default 1), each "
-                          "splitting the columns at places that keep the bits of one thread; prefill always uses "
-                          "1 so the prompt's K/V match every other strategy's. Pipeline stages use one thread each")
+                     help="threads for the decode steps' matrix-vector products (default 1), each splitting the "
+                          "columns at places that keep the bits of one thread; prefill always uses 1 so the "
+                          "prompt's K/V match every other strategy's. Greedy: in its one process; a pipelined "
+                          "strategy (process runtime): in each stage process")
     gen.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
     add_sampling_flags(gen)
     gen.add_argument("--requests", metavar="FILE",
@@ -440,8 +441,9 @@ def _run_strategy(args, config, requests, show_progress, on_finish=None):
         if args.stages not in (None, 1) or args.split or args.trace or args.timeline or getattr(args, "html", None):
             raise InputError("--stages, --split, --trace, --timeline and --html need a pipelined --strategy")
         return _run_greedy(args, load_stage(args.model, progress=show_progress), requests, on_finish)
-    if args.threads != 1:
-        raise InputError("--threads applies to --strategy greedy (pipeline stages use one BLAS thread each)")
+    if args.threads != 1 and args.runtime != "process":
+        raise InputError("--threads with a pipelined strategy needs --runtime process (each stage's decode GEMVs "
+                         "on N threads)")
 
     split = None
     if args.split:
@@ -549,7 +551,7 @@ def _serve_requests(args, config, requests, strategy, n_stages, split, stage_mod
                        stage_timeout=args.stage_timeout, cache_cells=args.kv_cells,
                        row_seqs=strategy.max_row_seqs(), logits_rows=max_running * strategy.logits_rows(),
                        link_delay=link_delay_ms / 1e3, models=stage_models,
-                       draft_lane=getattr(args, "draft_lane", "own") == "own") as pipe:
+                       draft_lane=getattr(args, "draft_lane", "own") == "own", gemv_threads=args.threads) as pipe:
         listeners = []
         recording = None
         if tracer.enabled:  # record what the head sends (KV edit labels, hops, the viewer's replay)

@@ -95,6 +95,30 @@ def test_process_runtime_equals_greedy(tmp_path, split):
     assert_no_leaks()
 
 
+@pytest.mark.timeout(240)
+def test_stage_processes_decode_on_several_threads_with_one_threads_bits(tmp_path):
+    """`--threads N` on the process runtime: each stage runs its decode GEMVs on N threads (its
+    GEMV team's workers are there: at least N - 1 more threads than a one-thread stage) and the tokens
+    are greedy decoding's on one thread, with GEMVs big enough to be split (weights of 1 MB and
+    more) and some that are not."""
+    shape = dict(dim=512, ffn_dim=1024, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=1024, max_positions=64)
+    d = make_random_checkpoint(tmp_path / "m", seed=7, **shape)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    expected = generate_greedy(random_model(seed=7, **shape), prompt, 12).tokens
+
+    def threads_of(pid: int) -> int:
+        return len(os.listdir(f"/proc/{pid}/task"))
+
+    tasks = {}
+    for n in (1, 3):
+        with open_pipeline(d, "process", 2, gemv_threads=n) as pipe:
+            got = generate(PipelineStrategy(), pipe, prompt, 12, max_positions=64)
+            tasks[n] = [threads_of(proc.pid) for proc in pipe.procs]
+        assert got.tokens == expected, n
+    assert all(b >= a + 2 for a, b in zip(tasks[1], tasks[3])), tasks  # (and OpenBLAS's own, when it splits)
+    assert_no_leaks()
+
+
 def test_stage_cancellation_before_and_between_layers():
     model = random_model(seed=1, lo=0, hi=4, **{**SHAPE, "n_layers": 4})
     cancels = LocalCancelSet()

@@ -29,7 +29,8 @@ def open_pipeline(model_dir: str | Path, runtime: str = "process", n_stages: int
                   cost: CostModel | None = None, chooser: Chooser | None = None, max_rows: int | None = None,
                   stage_timeout: float | None = None, cache_cells: int | None = None,
                   row_seqs: int | None = None, logits_rows: int = 0, link_delay: float = 0.0,
-                  models: list[StageModel] | None = None, draft_lane: bool = True) -> Pipeline:
+                  models: list[StageModel] | None = None, draft_lane: bool = True,
+                  gemv_threads: int = 1) -> Pipeline:
     """A pipeline over the target in `model_dir`, on the chosen runtime.
 
     Process runtime only: `max_rows` the most rows one run carries (default: a prefill chunk;
@@ -37,6 +38,7 @@ def open_pipeline(model_dir: str | Path, runtime: str = "process", n_stages: int
     of life (default `process.STAGE_TIMEOUT_S`; 0: never). `cache_cells`: KV cells each stage's
     cache starts with (the engine's budget; default 256, growing when needed). `link_delay`
     (process and mpi runtimes): seconds every hop takes to deliver a message, for real.
+    `gemv_threads` (process runtime): threads for each stage's decode GEMVs (`--threads`).
 
     Local runtime only: `models`, the stage models if already loaded (a self:K draft shares
     their weights); `draft_lane`, whether the draft runs on a lane of its own (`LocalPipeline`).
@@ -50,7 +52,8 @@ def open_pipeline(model_dir: str | Path, runtime: str = "process", n_stages: int
         return ProcessPipeline(model_dir, n_stages, split, n_seqs, tracer=tracer,
                                max_rows=kernels.PREFILL_CHUNK if max_rows is None else max_rows,
                                stage_timeout=STAGE_TIMEOUT_S if stage_timeout is None else stage_timeout,
-                               cache_cells=cells, row_seqs=row_seqs, logits_rows=logits_rows, link_delay=link_delay)
+                               cache_cells=cells, row_seqs=row_seqs, logits_rows=logits_rows, link_delay=link_delay,
+                               gemv_threads=gemv_threads)
     if runtime == "mpi":
         from .mpi import MPIPipeline
         from .process import STAGE_TIMEOUT_S

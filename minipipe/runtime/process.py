@@ -74,12 +74,14 @@ class StageSpec:
     cache_cells: int
     heartbeat_s: float  # longest sleep between two heartbeats while waiting for input
     link_delay_s: float = 0.0  # --link-delay-ms: every hop delivers this long after sending
+    gemv_threads: int = 1  # --threads: the stage's decode GEMVs on this many threads (one thread's bits)
 
 
 def stage_main(spec: StageSpec) -> None:
     """Entry point of a stage process: the service loop (`service.py`) on a `RingChannel`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited already (see `_start`); Ctrl-C is the head's
     blas.set_threads(spec.blas_threads)
+    kernels.set_gemv_threads(spec.gemv_threads)
     channel = RingChannel(spec.index, spec.input, spec.output, spec.cancels, spec.board, spec.heartbeat_s,
                           spec.link_delay_s)
 
@@ -101,7 +103,10 @@ class ProcessPipeline(Pipeline):
     per stage cache (a row holds at most that many); logits_rows: rows of logits a Result may
     return (Run.return_logits; 0 by default). The rings are sized for these (`sizing.py`); a run
     beyond them is refused with an InputError. link_delay: seconds every hop takes to deliver a
-    message (a real slow link, `transport/channel.py`). stage_timeout: seconds a stage may have work
+    message (a real slow link, `transport/channel.py`). gemv_threads: each stage's decode GEMVs
+    run on this many threads (`kernels.set_gemv_threads`: the bits of one thread; a stage's
+    prefill keeps one BLAS thread), so one stage on a machine's cores uses them as greedy
+    `--threads` does. stage_timeout: seconds a stage may have work
     without a sign of life before the run stops with an error naming it (None or 0: never).
     """
 
@@ -109,7 +114,7 @@ class ProcessPipeline(Pipeline):
                  max_rows: int = kernels.PREFILL_CHUNK, logits_rows: int = 0, blas_threads: int = 1,
                  tracer: Tracer | None = None, start_timeout: float = 120.0,
                  stage_timeout: float | None = STAGE_TIMEOUT_S, cache_cells: int = 256, spin: float | None = None,
-                 row_seqs: int | None = None, link_delay: float = 0.0):
+                 row_seqs: int | None = None, link_delay: float = 0.0, gemv_threads: int = 1):
         self.config = config = load_config(model_dir)
         self.splits = split_layers(config.n_layers, n_stages, split)
         self.tracer = tracer if tracer is not None else Tracer(enabled=False)
@@ -141,7 +146,7 @@ class ProcessPipeline(Pipeline):
             for i, (lo, hi) in enumerate(self.splits):
                 spec = StageSpec(i, str(model_dir), lo, hi, n_seqs, self.rings[i].handle, self.rings[i + 1].handle,
                                  self.cancels.handle, self.board.handle, blas_threads, self.tracer.enabled,
-                                 cache_cells, heartbeat_s, link_delay)
+                                 cache_cells, heartbeat_s, link_delay, gemv_threads)
                 self._start(ctx.Process(target=stage_main, args=(spec,), name=f"minipipe-stage{i}", daemon=True))
             self._wait_ready(start_timeout)
         except BaseException:
