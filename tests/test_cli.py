@@ -164,7 +164,9 @@ def test_strategy_flag_errors():
                           (["--strategy", "greedy", "--stages", "2"], "need a pipelined --strategy"),
                           (["--strategy", "speculative", "--draft", "oracle:x"], "oracle drafts are spelled"),
                           (["--strategy", "pipeinfer", "--p-accept", "2", "--draft", "ngram"], "--p-accept must be"),
-                          (["--strategy", "pipeline", "--slow-link-ms", "3"], "--slow-link-ms needs --runtime local")):
+                          (["--strategy", "pipeline", "--slow-link-ms", "3"], "--slow-link-ms needs --runtime local"),
+                          (["--strategy", "pipeline", "--runtime", "local", "--threads", "2"],
+                           "--threads with a pipelined strategy needs --runtime process")):
         r = run("generate", "--prompt-ids", "1,2", "--model", str(d), *args)
         assert r.returncode == 1 and message in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1
