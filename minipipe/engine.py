@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -65,6 +65,22 @@ class Flight:
     run_id: int
     parts: list[Part]
     live_keys: set[int]
+
+
+@dataclass
+class _PoolBatch:
+    """What one forward of a draft pool computes in a turn: the (fork, context) questions, the
+    ahead-of-need jobs among them (drafter, contexts, k), and whether the head waits for it."""
+
+    pool: object
+    queries: list = field(default_factory=list)
+    ahead: list = field(default_factory=list)
+    head_waits: bool = False
+
+
+def _fork(drafter):
+    """The draft-model fork behind a request's drafter (a traced draft's own)."""
+    return getattr(drafter.source, "inner", drafter.source)
 
 
 class Engine:
@@ -172,8 +188,10 @@ class Engine:
             arrival = self.waiting[0].arrived_at
             if arrival > self.pipe.now():  # nothing to do until the next request arrives
                 self.pipe.idle_until(arrival if timeout is None else min(arrival, self.pipe.now() + timeout))
-            elif not self.running:
+            elif not self.running and not self._fits(self.waiting[0]):
                 raise RuntimeError("a request waits for room that nothing will free")  # (add() refuses these)
+            # else it arrived while this turn launched (sending KV edits takes stage steps when time
+            # counts them): the next turn admits it
         elif self.running:
             raise RuntimeError(f"requests {[d.request.id for d in self.running]} have nothing in flight")
 
@@ -298,23 +316,21 @@ class Engine:
         jobs = [job for job in self.head.ahead_batch or [] if not job[0].closed]
         if self.head.ahead_batch:
             self.head.ahead_batch.clear()
-        by_pool: dict[int, tuple] = {}  # id(pool) -> (pool, queries, ahead jobs, head waits)
+        batches: dict[int, _PoolBatch] = {}  # id(pool) -> what its forward computes
         for drafter, context in needs:
-            fork = getattr(drafter.source, "inner", drafter.source)  # (a traced draft's own)
-            entry = by_pool.setdefault(id(drafter.pool), (drafter.pool, [], [], [False]))
-            entry[1].append((fork, context))
-            entry[3][0] = True
+            batch = batches.setdefault(id(drafter.pool), _PoolBatch(drafter.pool))
+            batch.queries.append((_fork(drafter), context))
+            batch.head_waits = True
         for drafter, contexts, k in jobs:
-            fork = getattr(drafter.source, "inner", drafter.source)
-            entry = by_pool.setdefault(id(drafter.pool), (drafter.pool, [], [], [False]))
-            entry[1].extend((fork, c) for c in contexts)
-            entry[2].append((drafter, contexts, k))
-        for pool, queries, asked, waits in by_pool.values():
-            rows = pool.prefetch(queries)
+            batch = batches.setdefault(id(drafter.pool), _PoolBatch(drafter.pool))
+            batch.queries.extend((_fork(drafter), c) for c in contexts)
+            batch.ahead.append((drafter, contexts, k))
+        for batch in batches.values():
+            rows = batch.pool.prefetch(batch.queries)
             ready = self.pipe.draft_work(rows, 1, wait=False) if rows else self.pipe.now()
-            for drafter, contexts, k in asked:
+            for drafter, contexts, k in batch.ahead:
                 drafter.answer_ahead(contexts, k, ready)
-            if waits[0]:
+            if batch.head_waits:
                 self.pipe.draft_wait(ready)
 
     def _send_edits(self, decoder: Decoder | None = None) -> None:

@@ -185,6 +185,21 @@ def test_specpipe_db_trees_narrow_with_load():
     assert loaded <= 0.8 * unbarred, (loaded, unbarred)
 
 
+def test_a_request_that_arrives_while_a_turn_sends_edits_is_admitted():
+    """Found by hypothesis: with time counting stage steps, a request retired at admission
+    (no tokens to generate) sends KV edits that take a step, so the next request arrives during
+    that turn, with room for it; the engine must admit it next turn, not call it stuck."""
+    from minipipe.runtime import RandomChooser
+
+    strategy = make_strategy("pipeline", None)
+    pipe = LocalPipeline(PAIR.stage_models(0, 1), n_seqs=Engine.n_seqs(strategy, 1), chooser=RandomChooser(0))
+    engine = Engine(pipe, strategy, max_running=1, max_positions=64)
+    requests = [engine.add(Request(i, [0], n, arrival_s=t)) for i, (n, t) in enumerate([(0, 0), (0, 1), (3, 1)])]
+    engine.run()
+    assert [r.result().tokens for r in requests] == [[], [], oracle(0, [0], 3)]
+    assert not held_resources(pipe)
+
+
 def test_a_request_that_can_never_fit_is_refused():
     strategy = make_strategy("pipeline", None)
     pipe = LocalPipeline(PAIR.stage_models(0, 1), n_seqs=Engine.n_seqs(strategy, 2))
