@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_requests import PROMPTS  # noqa: E402
 from minipipe.config import load_config  # noqa: E402
 from minipipe.draft import DraftModel  # noqa: E402
 from minipipe.engine import Engine  # noqa: E402
@@ -33,13 +34,9 @@ from minipipe.runtime.cost import fixed  # noqa: E402
 from minipipe.strategies import PipelineStrategy, SpecPipeStrategy, default_settings  # noqa: E402
 from minipipe.tokenizer import Tokenizer  # noqa: E402
 
-PROMPTS = ["ROMEO:\n", "JULIET:\n", "HAMLET:\n", "KING RICHARD III:\n", "First Citizen:\n", "MENENIUS:\n",
-           "LADY MACBETH:\n", "PETRUCHIO:\n", "PORTIA:\n", "BRUTUS:\n", "OTHELLO:\n", "PROSPERO:\n",
-           "Tell me about the weather.", "What is the capital of France?", "Write a short poem.", "Hello!"]
-
 
 def serve(strategy, prompts, args, target_dir, config, cost):
-    """Serve `prompts` at once; -> (requests, tree rows sent, tokens committed, the decoders' last bars)."""
+    """Serve `prompts` at once; -> (requests, tree rows sent, tokens committed, the bars the decoders saw)."""
     pipe = LocalPipeline(load_stage_models(target_dir, split_layers(config.n_layers, args.stages)),
                          Engine.n_seqs(strategy, len(prompts)), cost=cost, cache_cells=2048)
     counts = {"rows": 0, "tokens": 0}
@@ -52,15 +49,11 @@ def serve(strategy, prompts, args, target_dir, config, cost):
 
     engine = Engine(pipe, strategy, max_running=len(prompts), max_positions=config.max_positions, listeners=[count])
     requests = [engine.add(Request(i, p, args.tokens)) for i, p in enumerate(prompts)]
-    bars = []
-    step = engine.step
-
-    def step_and_look() -> None:  # the bar each running SpecPipe request sees, turn by turn
-        step()
+    bars = []  # the bar each running SpecPipe request sees, turn by turn
+    while engine.waiting or engine.running:
+        engine.step()
         bars.extend(d.load_bar() for d in engine.running if hasattr(d, "load_bar"))
-
-    engine.step = step_and_look
-    engine.run()
+    engine.run()  # (what is still in flight)
     pipe.close()
     return requests, counts["rows"], counts["tokens"], bars
 

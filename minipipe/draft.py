@@ -135,12 +135,13 @@ class DraftPool:
         fork holds); every row of it keeps its distribution, so a question about a shorter
         context of the same text later costs nothing."""
         rows, pending = [], []  # (token, position, seq); (fork, context, temp seq, common)
+        asked = set()  # (id(fork), context) already in this batch (asked ahead of need, and as a need)
         for fork, context in queries:
             context = [int(t) for t in context]
-            if tuple(context) in fork.memo or (context == fork.last_context and fork.last_probs is not None):
+            key = (id(fork), tuple(context))
+            if key[1] in fork.memo or (context == fork.last_context and fork.last_probs is not None) or key in asked:
                 continue
-            if any(p[0] is fork and p[1] == context for p in pending):
-                continue  # asked twice in one batch (ahead of need, and as a need)
+            asked.add(key)
             common = min(common_prefix(fork.cached, context), len(context) - 1)
             if len(context) - common > 8:
                 continue
@@ -166,6 +167,16 @@ class DraftPool:
                 fork.cached, fork.last_probs = context, None
             self.release(temp)
         return len(rows)
+
+
+def prefetch_by_pool(queries: list[tuple["DraftModel", list[int]]], min_queries: int = 1) -> dict[int, int]:
+    """(fork, context) questions of forks of draft models, computed in one forward per shared pool
+    (`DraftPool.prefetch`): several requests' drafting costs about one request's. Pools with
+    fewer than `min_queries` questions are left alone. -> {id(pool): rows computed}"""
+    groups: dict[int, tuple] = {}  # id(pool) -> (pool, its questions)
+    for fork, context in queries:
+        groups.setdefault(id(fork.pool), (fork.pool, []))[1].append((fork, context))
+    return {key: pool.prefetch(asked) for key, (pool, asked) in groups.items() if len(asked) >= min_queries}
 
 
 class DraftModel(DraftSource):

@@ -30,7 +30,7 @@ import multiprocessing as mp
 from collections import deque
 from collections.abc import Sequence
 
-from .draft import DraftSource, Guess
+from .draft import DraftSource, Guess, prefetch_by_pool
 from .errors import MinipipeError
 
 
@@ -111,11 +111,10 @@ def _prefetch_together(batch: list, forks: dict) -> int:
     find their answers in memory. Returns the rows computed."""
     from .drafter import top_many_job
 
-    by_pool: dict[int, tuple] = {}
+    queries = []
     for msg in batch:
         fork = forks.get(msg[1]) if msg[0] in ("top", "ahead") else None
-        pool = getattr(fork, "pool", None)
-        if pool is None:
+        if getattr(fork, "pool", None) is None:
             continue
         if msg[0] == "top":
             contexts = msg[2]
@@ -123,8 +122,8 @@ def _prefetch_together(batch: list, forks: dict) -> int:
             contexts = msg[3][0]
         else:
             continue
-        by_pool.setdefault(id(pool), (pool, []))[1].extend((fork, [int(t) for t in c]) for c in contexts)
-    return sum(pool.prefetch(queries) for pool, queries in by_pool.values() if len(queries) > 1)
+        queries.extend((fork, [int(t) for t in c]) for c in contexts)
+    return sum(prefetch_by_pool(queries, min_queries=2).values())
 
 
 class DraftServer:

@@ -42,11 +42,12 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from .batch import Batch
+from .draft import prefetch_by_pool
 from .errors import InputError
 from .events import Admitted, Batched, Committed, Event, EventBus, Finished, KVEdited, Launched
 from .events import Cancelled as CancelledEvent
@@ -65,17 +66,6 @@ class Flight:
     run_id: int
     parts: list[Part]
     live_keys: set[int]
-
-
-@dataclass
-class _PoolBatch:
-    """What one forward of a draft pool computes in a turn: the (fork, context) questions, the
-    ahead-of-need jobs among them (drafter, contexts, k), and whether the head waits for it."""
-
-    pool: object
-    queries: list = field(default_factory=list)
-    ahead: list = field(default_factory=list)
-    head_waits: bool = False
 
 
 def _fork(drafter):
@@ -316,22 +306,14 @@ class Engine:
         jobs = [job for job in self.head.ahead_batch or [] if not job[0].closed]
         if self.head.ahead_batch:
             self.head.ahead_batch.clear()
-        batches: dict[int, _PoolBatch] = {}  # id(pool) -> what its forward computes
-        for drafter, context in needs:
-            batch = batches.setdefault(id(drafter.pool), _PoolBatch(drafter.pool))
-            batch.queries.append((_fork(drafter), context))
-            batch.head_waits = True
+        queries = [(_fork(drafter), context) for drafter, context in needs]
+        queries += [(_fork(drafter), c) for drafter, contexts, _ in jobs for c in contexts]
+        rows = prefetch_by_pool(queries)  # {id(pool): rows}
+        ready = {key: self.pipe.draft_work(n, 1, wait=False) if n else self.pipe.now() for key, n in rows.items()}
         for drafter, contexts, k in jobs:
-            batch = batches.setdefault(id(drafter.pool), _PoolBatch(drafter.pool))
-            batch.queries.extend((_fork(drafter), c) for c in contexts)
-            batch.ahead.append((drafter, contexts, k))
-        for batch in batches.values():
-            rows = batch.pool.prefetch(batch.queries)
-            ready = self.pipe.draft_work(rows, 1, wait=False) if rows else self.pipe.now()
-            for drafter, contexts, k in batch.ahead:
-                drafter.answer_ahead(contexts, k, ready)
-            if batch.head_waits:
-                self.pipe.draft_wait(ready)
+            drafter.answer_ahead(contexts, k, ready.get(id(drafter.pool), self.pipe.now()))
+        for key in {id(drafter.pool) for drafter, _ in needs}:
+            self.pipe.draft_wait(ready[key])
 
     def _send_edits(self, decoder: Decoder | None = None) -> None:
         """Send the KV edits queued ahead of each decoder's next part (or of one decoder's)."""

@@ -170,7 +170,7 @@ class SpecPipeDecoder(Decoder):
         candidates = sorted(((-leaf.path_prob * prob, i, leaf, token, prob)
                              for i, (leaf, guesses) in enumerate(zip(frontier, answers)) for token, prob in guesses),
                             key=lambda c: (c[0], c[1]))  # (-path probability, order, parent, token, prob)
-        chosen = self.worth_a_row([(-c[0], c) for c in candidates[: s.width]])
+        chosen = self.worth_a_row(candidates[: s.width])
         layer, edits = [], []
         for neg_path_prob, _, parent, token, prob in chosen:
             node = TreeNode(self.head.new_id(), token, parent.pos + 1, self.free_seqs.popleft(), parent,
@@ -186,14 +186,15 @@ class SpecPipeDecoder(Decoder):
         self.send(layer, "tree layer")
         return True
 
-    def worth_a_row(self, candidates: list[tuple[float, tuple]]) -> list[tuple]:
-        """The candidates (chance, candidate), best first, that join the layer: each while its
-        chance of becoming the tip is at least `min_path` (the best is exempt) and at least the
-        load bar (`load_bar`); the best always when nothing of this request is in flight."""
+    def worth_a_row(self, candidates: list[tuple]) -> list[tuple]:
+        """The candidates (-chance, ...), best first, that join the layer: each while its chance
+        of becoming the tip is at least `min_path` (the best is exempt) and at least the load bar
+        (`load_bar`); the best always when nothing of this request is in flight."""
         s: SpecPipeStrategy = self.strategy
         bar = self.load_bar()
         chosen: list[tuple] = []
-        for chance, candidate in candidates:
+        for candidate in candidates:
+            chance = -candidate[0]
             if chance < bar and (chosen or self.current_inflight() > 0):
                 break
             if chosen and chance < s.min_path:
@@ -231,8 +232,8 @@ class SpecPipeDecoder(Decoder):
         """Draft the children of the nodes just sent, on the draft's lane, while they travel: the
         next layer grows under the deepest leaves, and the answer that comes back meanwhile only
         prunes some of them."""
-        bar = self.load_bar()  # (a child's chance is at most its parent's: none of a node under the bar joins)
         if len(self.free_seqs) >= self.strategy.width:
+            bar = self.load_bar()  # (a child's chance is at most its parent's: none of a node under the bar joins)
             contexts = [self.committed + self.path_tokens(n) for n in nodes if n.path_prob >= bar]
             if contexts:
                 self.draft.ahead_questions(contexts, self.strategy.width)
